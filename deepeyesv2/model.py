@@ -1,0 +1,155 @@
+"""The policy: Qwen2.5-VL built from a config preset with random weights, or loaded from a local directory.
+
+Both paths produce the same class (`Qwen2_5_VLForConditionalGeneration`) and the same processor type,
+so tests and the CPU demo exercise the code that trains real checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deepeyesv2_rollout.chat import ChatProcessor
+
+from .attention import impl_name, register_varlen_attention
+from .packing import PackedBatch
+
+TINY_PROCESSOR_DIR = Path(__file__).parent / "assets" / "tiny_processor"
+
+# Named presets (gpt-fast style). `tiny` keeps the real vision tower's shape rules (patch 14, spatial
+# merge 2, temporal patch 2, window attention + full-attention blocks) at toy width.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[4, 6, 6]),
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, window_size=112,
+                    fullatt_block_indexes=[1]),
+    ),
+    "small": dict(  # for memory-planner validation and benchmarks: a mid-size LM on the same vocab
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, mrope_section=[16, 24, 24]),
+        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, window_size=112,
+                    fullatt_block_indexes=[1]),
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to train. `name_or_path` is a preset name (random weights, tiny tokenizer) or a local
+    directory holding a Qwen2.5-VL checkpoint (config, safetensors, tokenizer, preprocessor_config)."""
+
+    name_or_path: str = "tiny"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_backend: str = "sdpa"  # sdpa | flash | xformers (see deepeyesv2.attention)
+    seed: int = 0
+    freeze_vision: bool = True
+    gradient_checkpointing: bool = False
+
+
+def load_processor(name_or_path: str = "tiny") -> ChatProcessor:
+    if name_or_path in PRESETS:
+        return ChatProcessor.from_pretrained(TINY_PROCESSOR_DIR)
+    return ChatProcessor.from_pretrained(name_or_path)
+
+
+def _tiny_config(preset: dict, processor: ChatProcessor):
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(preset["text"])
+    section = text.pop("mrope_section")
+    tok = processor.tokenizer
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), max_position_embeddings=32768, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
+            bos_token_id=None, eos_token_id=processor.im_end_id, pad_token_id=processor.pad_id, **text,
+        ),
+        vision_config=dict(
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            out_hidden_size=preset["text"]["hidden_size"], **preset["vision"],
+        ),
+        image_token_id=processor.image_pad_id,
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=processor.vision_start_id,
+        vision_end_token_id=processor.vision_end_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_model(cfg: ModelConfig | None = None, processor: ChatProcessor | None = None):
+    """(model, processor). Random weights for a preset (seeded), or weights from a local directory."""
+    import transformers
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = cfg or ModelConfig()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    if dtype is None:
+        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    processor = processor or load_processor(cfg.name_or_path)
+    register_varlen_attention()
+    # The vision tower keeps SDPA (it has its own per-image cu_seqlens); the text model gets varlen.
+    attn = {"text_config": impl_name(cfg.attn_backend), "vision_config": "sdpa", "": "sdpa"}
+    transformers.logging.set_verbosity_error()
+    if cfg.name_or_path in PRESETS:
+        config = _tiny_config(PRESETS[cfg.name_or_path], processor)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
+    else:
+        path = Path(cfg.name_or_path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model.name_or_path={cfg.name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
+                f"nor a local checkpoint directory with a config.json"
+            )
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), attn_implementation=attn, dtype=dtype)
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def image_embeddings(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """Vision tower + merger: [P, D] patches -> [N_tokens, H] one row per <|image_pad|>."""
+    out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    return torch.cat(list(out.pooler_output), dim=0)
+
+
+def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """Token embeddings with image features scattered into the <|image_pad|> slots: [T, H]."""
+    embeds = model.model.get_input_embeddings()(input_ids)
+    if pixel_values is not None and image_grid_thw is not None and image_grid_thw.shape[0]:
+        feats = image_embeddings(model, pixel_values, image_grid_thw).to(embeds.dtype)
+        slots = input_ids == model.config.image_token_id
+        if int(slots.sum()) != feats.shape[0]:
+            raise ValueError(f"{int(slots.sum())} <|image_pad|> tokens but the images give {feats.shape[0]} features")
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), feats)
+    return embeds
+
+
+def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
+    """Final hidden states of a packed row: [T, H] (model dtype), lm_head not applied.
+
+    The language model runs on the whole row once; `cu_seq_lens_q` makes the varlen attention keep
+    every sequence to itself, and position ids restart per sequence.
+    """
+    embeds = embed_inputs(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+    out = model.model.language_model(
+        inputs_embeds=embeds.unsqueeze(0),
+        position_ids=batch.position_ids.unsqueeze(1),
+        attention_mask=None,
+        use_cache=False,
+        cu_seq_lens_q=batch.cu_seqlens,
+        cu_seq_lens_k=batch.cu_seqlens,
+        max_length_q=batch.max_seqlen,
+        max_length_k=batch.max_seqlen,
+    )
+    return out.last_hidden_state[0]
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    return model.lm_head.weight
