@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from deepeyesv2_rollout.chat import ChatProcessor
+from deepeyesv2_rollout.qwen import embed_inputs
 
 from .attention import impl_name, register_varlen_attention
 from .packing import PackedBatch
@@ -111,24 +112,6 @@ def build_model(cfg: ModelConfig | None = None, processor: ChatProcessor | None 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
-
-
-def image_embeddings(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-    """Vision tower + merger: [P, D] patches -> [N_tokens, H] one row per <|image_pad|>."""
-    out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    return torch.cat(list(out.pooler_output), dim=0)
-
-
-def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-    """Token embeddings with image features scattered into the <|image_pad|> slots: [T, H]."""
-    embeds = model.model.get_input_embeddings()(input_ids)
-    if pixel_values is not None and image_grid_thw is not None and image_grid_thw.shape[0]:
-        feats = image_embeddings(model, pixel_values, image_grid_thw).to(embeds.dtype)
-        slots = input_ids == model.config.image_token_id
-        if int(slots.sum()) != feats.shape[0]:
-            raise ValueError(f"{int(slots.sum())} <|image_pad|> tokens but the images give {feats.shape[0]} features")
-        embeds = embeds.masked_scatter(slots.unsqueeze(-1), feats)
-    return embeds
 
 
 def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:

@@ -240,3 +240,50 @@ def render_chat(
         pixel_values=vis.pixel_values if pil_images else None,
         image_grid_thw=vis.grid_thw if pil_images else None,
     )
+
+
+def mrope_position_ids(
+    input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_token_id: int, spatial_merge_size: int
+) -> torch.Tensor:
+    """Qwen2.5-VL 3-D positions for ONE sequence: [3, L] int64.
+
+    Text tokens advance all three rows together; an image's merged patches get (t, h, w) grid positions
+    offset by the current position, and text resumes at offset + max(h, w) / merge (the grid's extent),
+    exactly as transformers' `get_rope_index` does for still images.
+    """
+    ids = input_ids.tolist()
+    L = len(ids)
+    pos = torch.empty(3, L, dtype=torch.long)
+    grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in image_grid_thw]
+    gi = 0
+    i = 0
+    cur = 0
+    while i < L:
+        if ids[i] != image_token_id:
+            j = i
+            while j < L and ids[j] != image_token_id:
+                j += 1
+            pos[:, i:j] = torch.arange(cur, cur + j - i)
+            cur += j - i
+            i = j
+            continue
+        if gi >= len(grids):
+            raise ChatFormatError("more <|image_pad|> blocks than images")
+        t, h, w = grids[gi]
+        gh, gw = h // spatial_merge_size, w // spatial_merge_size
+        n = t * gh * gw
+        if ids[i : i + n] != [image_token_id] * n or (i + n < L and ids[i + n] == image_token_id):
+            run = i
+            while run < L and ids[run] == image_token_id:
+                run += 1
+            raise ChatFormatError(f"image {gi} has {run - i} <|image_pad|> tokens but its grid {t}x{h}x{w} needs {n}")
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        pos[0, i : i + n] = tt.reshape(-1) + cur
+        pos[1, i : i + n] = hh.reshape(-1) + cur
+        pos[2, i : i + n] = ww.reshape(-1) + cur
+        cur += max(gh, gw)
+        i += n
+        gi += 1
+    if gi != len(grids):
+        raise ChatFormatError(f"{len(grids)} images but only {gi} <|image_pad|> blocks")
+    return pos
