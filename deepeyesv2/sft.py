@@ -1,0 +1,103 @@
+"""Stage 1 -- cold-start SFT on tool-use trajectories.
+
+Loss: mean negative log-likelihood of the assistant's tokens (tool outputs, user turns and image
+tokens are masked), normalised by the number of trained tokens in the whole optimizer step so that
+gradient accumulation over packed rows equals one big batch. Log-probs come from the fused kernel:
+the [T, V] logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config
+from .data import DataState, load_jsonl, sft_samples
+from .logprobs import packed_logprobs
+from .metrics import MetricsLogger, peak_memory_bytes
+from .model import build_model
+from .optim import build_optimizer, clip_and_step
+from .packing import PackedBatch, Sample, pack_by_budget
+
+
+def epoch_rows(samples: list[Sample], budget: int, image_token_id: int, seed: int, epoch: int) -> list[PackedBatch]:
+    """The epoch's packed rows: a seeded shuffle, then first-fit-decreasing into `budget`-token rows."""
+    order = list(range(len(samples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    rows = pack_by_budget([samples[i] for i in order], budget, image_token_id)
+    random.Random(seed * 7_919 + epoch).shuffle(rows)  # FFD sorts by length; don't train longest-first
+    return rows
+
+
+def sft_step(model, rows: list[PackedBatch]) -> tuple[float, int]:
+    """Forward+backward over the rows of one optimizer step. Returns (mean NLL, trained tokens)."""
+    n_tok = sum(int(r.loss_mask.sum()) for r in rows)
+    if n_tok == 0:
+        raise ValueError("an SFT step with no trained tokens: every assistant turn is masked or empty")
+    total = 0.0
+    for row in rows:
+        logp, _ = packed_logprobs(model, row)
+        loss = -logp.sum() / n_tok
+        loss.backward()
+        total += float(loss.detach())
+    return total, n_tok
+
+
+def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, processor=None, progress: bool | None = None) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    if model is None:
+        model, processor = build_model(cfg.model)
+    if samples is None:
+        if not cfg.data.train_path:
+            raise ValueError("data.train_path is required for SFT (a JSONL of trajectories)")
+        path = Path(cfg.data.train_path)
+        records = load_jsonl(path, max_bad_lines=cfg.data.max_bad_lines)
+        samples = sft_samples(records, processor, base_dir=cfg.data.image_root or path.parent, source=path.name)
+    image_token_id = model.config.image_token_id
+    rows_per_step = cfg.train.rows_per_step * cfg.optim.grad_accum
+    rows0 = epoch_rows(samples, cfg.train.tokens_per_batch, image_token_id, cfg.train.seed, 0)
+    steps_per_epoch = max(1, len(rows0) // rows_per_step)
+    total_steps = min(cfg.train.steps, steps_per_epoch * cfg.train.epochs)
+    opt, sched = build_optimizer(model, cfg.optim, total_steps)
+    out = Path(cfg.train.out_dir)
+    logger = MetricsLogger(out)
+    step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)
+    if cfg.train.resume and (ckpt := latest_checkpoint(out)) is not None:
+        step, state, _ = load_checkpoint(ckpt, model, opt, sched)
+        logger.truncate_after(step)
+    rows = rows0 if state.epoch == 0 else epoch_rows(samples, cfg.train.tokens_per_batch, image_token_id, cfg.train.seed, state.epoch)
+    model.train()
+    show = cfg.train.progress if progress is None else progress
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not show, dynamic_ncols=True)
+    last: dict = {}
+    while step < total_steps:
+        if state.position + rows_per_step > len(rows):
+            state = DataState(epoch=state.epoch + 1, position=0, seed=state.seed)
+            rows = epoch_rows(samples, cfg.train.tokens_per_batch, image_token_id, cfg.train.seed, state.epoch)
+        batch = rows[state.position : state.position + rows_per_step]
+        t0 = time.perf_counter()
+        loss, n_tok = sft_step(model, batch)
+        grad_norm = clip_and_step(model, opt, sched, cfg.optim.grad_clip)
+        dt = time.perf_counter() - t0
+        step += 1
+        state = DataState(epoch=state.epoch, position=state.position + rows_per_step, seed=state.seed)
+        last = {
+            "step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+            "trained_tokens": n_tok, "tokens": sum(r.num_tokens for r in batch),
+            "tokens_per_s": sum(r.num_tokens for r in batch) / dt, "epoch": state.epoch,
+            "peak_memory_gb": peak_memory_bytes() / 2**30,
+        }
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            logger.log(last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step % cfg.train.save_every == 0 or step == total_steps:
+            save_checkpoint(out, step, model, processor, opt, sched, state, {"stage": "sft"})
+    bar.close()
+    logger.close()
+    return last
