@@ -1,0 +1,319 @@
+"""The episode loop: G samples per prompt, one policy turn at a time for all live episodes, tools between.
+
+    render prompt (chat.render_chat, generation prompt) --> for each turn:
+      all live episodes generate one turn together (one engine call, batched)
+      -> parse the action (protocol.parse_action)
+      -> answer: done | code/tool: run in a thread pool, one Session per episode | malformed: error text
+      -> append  <|im_end|>\\n<|im_start|>user\\n{tool text}{image blocks}<|im_end|>\\n<|im_start|>assistant\\n
+         (loss mask 0; tool images get exactly the pad count the processor gives them)
+
+The policy's tokens, including the stop tag it generated, get loss mask 1 and their sampling-time
+log-probs; everything the environment writes gets 0. Limits end an episode with a recorded stop_reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .chat import ChatProcessor, render_chat
+from .engine import Engine, stop_token_sets
+from .protocol import SYSTEM_PROMPT, Action, invalid_action_feedback, parse_action
+from .radix_cache import image_hashes
+from .types import GenerateRequest, GenerateResult, SamplingParams, ToolCallRecord, Trajectory
+
+PROTOCOL_TOOLS = ("code", "search", "image_search")
+TRUNCATION_NOTE = "\n...[output truncated]"
+
+
+@dataclass
+class Prompt:
+    """One task. Either `messages` (chat.render_chat format, images by `<image>` placeholder or inline) or
+    `question` (rendered as one user turn with the images first). `system` is used when the messages
+    carry no system turn. `metadata` is passed through to every trajectory."""
+
+    id: str
+    question: str | None = None
+    images: list[Any] = field(default_factory=list)
+    answer: str | None = None
+    category: str | None = None
+    messages: list[dict] | None = None
+    system: str | None = SYSTEM_PROMPT
+    metadata: dict = field(default_factory=dict)
+
+    def chat_messages(self) -> list[dict]:
+        if self.messages is not None:
+            return self.messages
+        if self.question is None:
+            raise ValueError(f"prompt {self.id!r}: needs `messages` or `question`")
+        return [{"role": "user", "content": "<image>" * len(self.images) + self.question}]
+
+
+@dataclass
+class EpisodeLimits:
+    """max_turns: policy turns per episode; max_total_tokens: whole trajectory (prompt included);
+    max_images: input + tool-returned images; max_tool_output_tokens: tool text beyond this is cut."""
+
+    max_turns: int = 9
+    max_total_tokens: int = 24576
+    max_images: int = 32
+    max_tool_output_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_turns", "max_total_tokens", "max_images", "max_tool_output_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limits.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class RequestTag:
+    """Attached to every engine request (engines pass it through; scripted policies key on it)."""
+
+    prompt_id: str
+    prompt_index: int
+    sample_index: int
+    turn: int
+
+
+class _Episode:
+    def __init__(self, prompt: Prompt, prompt_index: int, sample_index: int, group_id: int, rendered, processor: ChatProcessor):
+        self.prompt, self.prompt_index, self.sample_index, self.group_id = prompt, prompt_index, sample_index, group_id
+        self.ids: list[int] = list(rendered.token_ids)
+        self.mask: list[int] = [0] * len(self.ids)
+        self.logprobs: list[float] = [0.0] * len(self.ids)
+        self.prompt_len = len(self.ids)
+        self.images: list[Image.Image] = list(rendered.images)
+        self.input_images = list(rendered.images)
+        grids = rendered.image_grid_thw
+        if self.images:
+            sizes = [int(x) for x in grids.prod(-1)]
+            self.pixels = list(rendered.pixel_values.split(sizes))
+            self.grids = [g for g in grids]
+            self.image_keys = image_hashes(rendered.pixel_values, grids)
+        else:
+            self.pixels, self.grids, self.image_keys = [], [], []
+        self.turn_spans: list[tuple[int, int]] = []
+        self.turn_texts: list[str] = []
+        self.tool_calls: list[ToolCallRecord] = []
+        self.stop_reason: str | None = None
+        self.answer: str | None = None
+        self.session = None
+        self.pending: Action | None = None
+        self.processor = processor
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    def request(self, sampling: SamplingParams, limits: EpisodeLimits, index: int) -> GenerateRequest | None:
+        room = limits.max_total_tokens - len(self.ids)
+        if room < 1:
+            self.stop_reason = "max_tokens"
+            return None
+        seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + index * 1_009 + len(self.turn_spans)) % (1 << 63)
+        return GenerateRequest(
+            token_ids=list(self.ids),
+            pixel_values=torch.cat(self.pixels) if self.pixels else None,
+            image_grid_thw=torch.stack(self.grids) if self.grids else None,
+            image_keys=list(self.image_keys),
+            seed=seed,
+            max_new_tokens=min(room, sampling.max_new_tokens),
+            tag=RequestTag(self.prompt.id, self.prompt_index, self.sample_index, len(self.turn_spans)),
+        )
+
+    def extend(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+        self.mask.extend([0] * len(ids))
+        self.logprobs.extend([0.0] * len(ids))
+
+    def trajectory(self) -> Trajectory:
+        p = self.prompt
+        return Trajectory(
+            token_ids=self.ids, loss_mask=self.mask, sample_logprobs=self.logprobs, images=self.images,
+            pixel_values=torch.cat(self.pixels) if self.pixels else None,
+            image_grid_thw=torch.stack(self.grids) if self.grids else None,
+            turn_spans=self.turn_spans, tool_calls=self.tool_calls, stop_reason=self.stop_reason or "unknown",
+            group_id=self.group_id, prompt_len=self.prompt_len, num_turns=len(self.turn_spans), answer=self.answer,
+            turn_texts=self.turn_texts, prompt_id=p.id, sample_index=self.sample_index,
+            metadata={**p.metadata, "question": p.question, "ground_truth": p.answer, "category": p.category},
+        )
+
+
+def _default_session_factory(pool: Any) -> Callable[[list[Image.Image]], Any]:
+    def make(images: list[Image.Image]):
+        from .tools.sandbox import Session  # lazy: the sandbox is only needed once code runs
+
+        return Session(images, pool=pool)
+
+    return make
+
+
+class EpisodeRunner:
+    """State shared by one `run_episodes` call (processor, registry, limits, special token ids)."""
+
+    def __init__(self, processor: ChatProcessor, registry: Any, limits: EpisodeLimits, session_factory: Callable):
+        self.p, self.registry, self.limits, self.session_factory = processor, registry, limits, session_factory
+        self.eos, self.special = stop_token_sets(processor)
+
+    # -- the policy's turn ---------------------------------------------------------------------
+    def add_turn(self, ep: _Episode, res: GenerateResult) -> None:
+        """Append the policy's tokens (mask 1) and decide what happens next."""
+        if len(res.token_ids) != len(res.logprobs):
+            raise ValueError(f"engine returned {len(res.token_ids)} tokens but {len(res.logprobs)} log-probs")
+        start = len(ep.ids)
+        ep.ids.extend(res.token_ids)
+        ep.mask.extend([1] * len(res.token_ids))
+        ep.logprobs.extend(float(x) for x in res.logprobs)
+        ep.turn_spans.append((start, len(ep.ids)))
+        text = self.p.decode(res.token_ids)
+        ep.turn_texts.append(text)
+        if res.token_ids and res.token_ids[-1] in self.special:
+            # a vision token or a new <|im_start|> inside the turn: the chat layout cannot be continued
+            ep.stop_reason = "invalid_token"
+            return
+        if res.finish_reason == "length":
+            ep.stop_reason = "max_tokens"
+            return
+        action = parse_action(text)
+        if action.kind == "answer":
+            ep.answer = action.answer
+            ep.stop_reason = "answer"
+            if res.token_ids[-1] not in self.eos:
+                ep.extend([self.p.im_end_id])
+            return
+        if action.kind == "invalid" and not action.has_action_tag and res.finish_reason == "eos":
+            ep.stop_reason = "no_action"
+            return
+        if len(ep.turn_spans) >= self.limits.max_turns:
+            ep.stop_reason = "max_turns"
+            return
+        ep.pending = action
+
+    # -- the environment's turn ----------------------------------------------------------------------
+    def run_tool(self, ep: _Episode) -> tuple[str, list[Image.Image]] | None:
+        """Runs in a worker thread. Returns (text, images) for the observation, or None if the episode ended."""
+        action = ep.pending
+        if action.kind == "invalid":
+            return invalid_action_feedback(action), []
+        if ep.session is None:
+            try:
+                ep.session = self.session_factory(list(ep.input_images))
+            except Exception as e:  # noqa: BLE001 -- a sandbox that cannot start ends this episode only
+                ep.tool_calls.append(ToolCallRecord(action.tool_name, action.tool_args, "error", 0.0, f"session: {e}"))
+                ep.stop_reason = "tool_error"
+                return None
+        result = self.registry.call(action.tool_name, action.tool_args, ep.session)
+        ep.tool_calls.append(ToolCallRecord(action.tool_name, action.tool_args, result.status, result.latency_s, result.error))
+        # A tool may hand back nothing, None entries or non-images: only real images become image blocks.
+        images = [im.convert("RGB") for im in (result.images or []) if isinstance(im, Image.Image)]
+        return result.text or "", images
+
+    def add_observation(self, ep: _Episode, text: str, images: list[Image.Image]) -> None:
+        p, lim = self.p, self.limits
+        if len(ep.images) + len(images) > lim.max_images:
+            ep.stop_reason = "max_images"
+            return
+        text_ids = p.encode(text) if text else []
+        if len(text_ids) > lim.max_tool_output_tokens:
+            text_ids = text_ids[: lim.max_tool_output_tokens] + p.encode(TRUNCATION_NOTE)
+        obs = [] if ep.ids[-1] == p.im_end_id else [p.im_end_id]
+        obs += p.encode("\n") + p.turn_header("user") + text_ids
+        vis = p.image_inputs(images) if images else None
+        if images:
+            if text_ids:
+                obs += p.encode("\n")
+            for g in vis.grid_thw:
+                obs += p.image_block(g)
+        obs += p.turn_footer() + p.turn_header("assistant")
+        if len(ep.ids) + len(obs) >= lim.max_total_tokens:
+            ep.stop_reason = "max_tokens"
+            return
+        ep.extend(obs)
+        if images:
+            sizes = [int(x) for x in vis.grid_thw.prod(-1)]
+            ep.images.extend(images)
+            ep.pixels.extend(vis.pixel_values.split(sizes))
+            ep.grids.extend(g for g in vis.grid_thw)
+            ep.image_keys.extend(image_hashes(vis.pixel_values, vis.grid_thw))
+
+
+def check_registry(registry: Any, required: tuple[str, ...]) -> None:
+    """Fail loudly when a protocol tool is missing (a silently unregistered tool only shows up as the
+    policy getting "unknown tool" errors)."""
+    names = set(registry.names()) if hasattr(registry, "names") else None
+    if names is None:
+        return
+    missing = [t for t in required if t not in names]
+    if missing:
+        raise ValueError(f"tool registry lacks {missing} (has {sorted(names)}); pass required_tools=() to allow it")
+
+
+def run_episodes(
+    engine: Engine,
+    processor: ChatProcessor,
+    registry: Any,
+    prompts: list[Prompt],
+    group_size: int,
+    sampling: SamplingParams,
+    limits: EpisodeLimits | None = None,
+    pool: Any = None,
+    progress: bool = True,
+    *,
+    session_factory: Callable[[list[Image.Image]], Any] | None = None,
+    required_tools: tuple[str, ...] = PROTOCOL_TOOLS,
+    group_id_offset: int = 0,
+    max_tool_workers: int = 8,
+) -> list[Trajectory]:
+    """Roll out `group_size` episodes per prompt. Returns trajectories prompt-major (group g = prompts[g],
+    group_id = group_id_offset + g), samples in order within a group."""
+    from tqdm.auto import tqdm
+
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    limits = limits or EpisodeLimits()
+    check_registry(registry, required_tools)
+    if session_factory is None:
+        session_factory = _default_session_factory(pool if pool is not None else getattr(registry, "pool", None))
+    runner = EpisodeRunner(processor, registry, limits, session_factory)
+    episodes: list[_Episode] = []
+    for pi, prompt in enumerate(prompts):
+        rendered = render_chat(processor, prompt.chat_messages(), prompt.images, add_generation_prompt=True,
+                               default_system=prompt.system, name=f"prompt {prompt.id!r}")
+        for g in range(group_size):
+            episodes.append(_Episode(prompt, pi, g, group_id_offset + pi, rendered, processor))
+    bar = tqdm(total=len(episodes), desc="episodes", disable=not progress, leave=False)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, max_tool_workers)) as workers:
+            while True:
+                live = [(i, ep) for i, ep in enumerate(episodes) if not ep.done]
+                reqs = [(ep, ep.request(sampling, limits, i)) for i, ep in live]
+                reqs = [(ep, r) for ep, r in reqs if r is not None]
+                if not reqs:
+                    break
+                results = engine.generate([r for _, r in reqs], sampling)
+                if len(results) != len(reqs):
+                    raise RuntimeError(f"engine returned {len(results)} results for {len(reqs)} requests")
+                for (ep, _), res in zip(reqs, results):
+                    runner.add_turn(ep, res)
+                waiting = [ep for ep, _ in reqs if not ep.done]
+                outputs = list(workers.map(runner.run_tool, waiting))
+                for ep, out in zip(waiting, outputs):
+                    ep.pending = None
+                    if out is not None:
+                        runner.add_observation(ep, *out)
+                bar.update(sum(ep.done for ep in episodes) - bar.n)
+    finally:
+        bar.close()
+        for ep in episodes:
+            if ep.session is not None:
+                try:
+                    ep.session.close()
+                except Exception:  # noqa: BLE001 -- closing must not mask the real error
+                    pass
+                ep.session = None
+    return [ep.trajectory() for ep in episodes]

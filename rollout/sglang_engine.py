@@ -1,0 +1,200 @@
+"""SGLang engine adapter (GPU): `sgl.Engine` in process, RadixAttention prefix cache, multi-turn by
+re-submitting each episode's growing context as `input_ids` (+ its images as processor output).
+
+SGLang's own radix cache does what EmbeddedEngine's does on CPU: the G samples of a group share the
+prompt's prefill and each turn only prefills what the environment appended. Log-probs come back from
+`return_logprob=True`; by default SGLang computes them after temperature scaling, i.e.
+log_softmax(logits / T) -- the trainer's quantity. `SGLANG_RETURN_ORIGINAL_LOGPROB=1` would switch them to
+the unscaled distribution and bias the importance ratio, so the adapter refuses to run with it.
+
+`sglang` is imported lazily in __init__; pass `engine=` to inject a stand-in (tests use a fake backed by
+the tiny HF model).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .chat import ChatProcessor
+from .engine import StopChecker, stop_token_sets
+from .types import GenerateRequest, GenerateResult, SamplingParams
+
+
+def hf_to_checkpoint_name(name: str) -> str:
+    """transformers >= 4.52 module names -> Qwen2.5-VL checkpoint names (what SGLang's loader reads)."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return "visual." + name[len("model.visual."):]
+    return name
+
+
+class SGLangEngine:
+    """Engine protocol over `sglang.Engine`.
+
+    model_path: checkpoint directory SGLang loads at start (weights are then pushed with update_weights);
+    processor: the ChatProcessor whose token ids the requests use; engine: an already built sgl.Engine (or
+    a stand-in with the same methods); engine_kwargs: forwarded to sgl.Engine (e.g. mem_fraction_static).
+    """
+
+    def __init__(
+        self,
+        model_path: str | None,
+        processor: ChatProcessor,
+        *,
+        engine: Any = None,
+        name_map: Callable[[str], str] = hf_to_checkpoint_name,
+        update_bucket_bytes: int = 512 << 20,
+        **engine_kwargs: Any,
+    ):
+        if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes"):
+            raise RuntimeError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would return log-probs before "
+                               "temperature scaling, which biases the importance ratio; unset it")
+        if engine is None:
+            try:
+                import sglang as sgl  # lazy: GPU-only package
+            except ImportError:
+                raise RuntimeError("SGLangEngine needs the `sglang` package, which is not installed "
+                                   "(pip install sglang on a CUDA machine; use EmbeddedEngine on CPU)") from None
+            if not torch.cuda.is_available():
+                raise RuntimeError("SGLangEngine needs a CUDA GPU and none is available; use EmbeddedEngine on CPU")
+            if model_path is None:
+                raise ValueError("SGLangEngine: model_path is required when no engine is given")
+            engine_kwargs.setdefault("enable_memory_saver", True)  # release/resume_memory need it
+            engine = sgl.Engine(model_path=str(model_path), **engine_kwargs)
+        self.engine = engine
+        self.processor = processor
+        self.name_map = name_map
+        self.update_bucket_bytes = update_bucket_bytes
+        self.eos, self.special = stop_token_sets(processor)
+        self._stats = dict(tokens_prefilled=0, tokens_cached=0, tokens_decoded=0, requests=0)
+
+    # -- Engine protocol --------------------------------------------------------------------------
+    def generate(self, requests: list[GenerateRequest], sampling: SamplingParams) -> list[GenerateResult]:
+        if not requests:
+            return []
+        for i, r in enumerate(requests):
+            if not r.token_ids:
+                raise ValueError(f"request {i}: empty token_ids")
+            if r.forced_tokens is not None:
+                raise ValueError(f"request {i}: SGLangEngine cannot teacher-force tokens; use EmbeddedEngine")
+        params = [self._sampling_params(r, sampling) for r in requests]
+        images = [self._image_data(r) for r in requests]
+        out = self.engine.generate(
+            input_ids=[list(r.token_ids) for r in requests],
+            sampling_params=params,
+            return_logprob=True,
+            image_data=images if any(x is not None for x in images) else None,
+        )
+        if isinstance(out, dict):
+            out = [out]
+        if len(out) != len(requests):
+            raise RuntimeError(f"sglang returned {len(out)} outputs for {len(requests)} requests")
+        stopper = StopChecker(self.processor, sampling.stop)
+        return [self._result(o, p["max_new_tokens"], stopper) for o, p in zip(out, params)]
+
+    def update_weights(self, model: Any) -> None:
+        """Push the policy's weights (bucketed, frozen ones skipped) and flush the prefix cache once."""
+        named = [(self.name_map(n), p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("update_weights: the model has no trainable parameters to send")
+        buckets, cur, size = [], [], 0
+        for name, t in named:
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > self.update_bucket_bytes:
+                buckets.append(cur)
+                cur, size = [], 0
+            cur.append((name, t))
+            size += nbytes
+        buckets.append(cur)
+        for i, bucket in enumerate(buckets):
+            # K/V computed with the old weights are stale: the last bucket flushes the radix cache.
+            self.engine.update_weights_from_tensor(bucket, flush_cache=(i == len(buckets) - 1))
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def clear_cache(self) -> None:
+        """Drop every cached prefix (the KV pool itself stays allocated; see release_memory)."""
+        self.engine.flush_cache()
+
+    # -- memory hooks around the training step --------------------------------------------------------
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Free GPU memory (KV cache and weights, or `tags`) while the trainer runs."""
+        self.engine.release_memory_occupation(tags=tags)
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        self.engine.resume_memory_occupation(tags=tags)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _sampling_params(self, r: GenerateRequest, sampling: SamplingParams) -> dict:
+        max_new = sampling.max_new_tokens if r.max_new_tokens is None else min(r.max_new_tokens, sampling.max_new_tokens)
+        params = dict(
+            temperature=float(sampling.temperature),
+            top_p=float(sampling.top_p),
+            top_k=int(sampling.top_k) if sampling.top_k > 0 else -1,  # sglang: -1 disables top-k
+            max_new_tokens=int(max_new),
+            stop=list(sampling.stop),
+            stop_token_ids=sorted(self.eos | set(self.special)),
+            skip_special_tokens=False,
+            spaces_between_special_tokens=False,
+            no_stop_trim=True,
+        )
+        seed = r.seed if r.seed is not None else sampling.seed
+        if seed is not None and not sampling.greedy:
+            params["sampling_seed"] = int(seed) & 0x7FFF_FFFF
+        return params
+
+    @staticmethod
+    def _image_data(r: GenerateRequest) -> list[dict] | None:
+        if r.image_grid_thw is None or r.image_grid_thw.shape[0] == 0:
+            return None
+        # The context's pads are already expanded (chat.py), so the images go in as processor output.
+        return [dict(format="processor_output", pixel_values=r.pixel_values, image_grid_thw=r.image_grid_thw)]
+
+    def _result(self, out: dict, max_new: int, stopper: StopChecker) -> GenerateResult:
+        meta = out.get("meta_info", {})
+        lp = meta.get("output_token_logprobs")
+        if lp is None:
+            raise RuntimeError("sglang output has no meta_info.output_token_logprobs (return_logprob ignored?)")
+        ids = [int(t[1]) for t in lp]
+        logprobs = [float(t[0]) for t in lp]
+        if "output_ids" in out and list(out["output_ids"])[: len(ids)] != ids:
+            raise RuntimeError("sglang output_ids and output_token_logprobs disagree")
+        fin = meta.get("finish_reason") or {}
+        kind, matched = fin.get("type"), fin.get("matched")
+        # Our own stop rules decide, on the returned ids: a turn ends at the first stop token or at the
+        # token completing the first stop string, whatever was generated after it.
+        cut, finish, matched_text = len(ids), None, None
+        for k, t in enumerate(ids):
+            if t in self.eos or t in self.special:
+                cut, finish = k + 1, ("eos" if t in self.eos else "stop")
+                matched_text = self.processor.tokenizer.convert_ids_to_tokens(t) if t in self.eos else self.special[t]
+                break
+        hit = stopper.stop_string_end(ids[:cut])
+        if hit is not None:
+            cut, finish, matched_text = hit[0], "stop", hit[1]
+        if finish is None:
+            if kind == "length" or len(ids) >= max_new:
+                finish = "length"
+            elif kind == "stop" and isinstance(matched, str):
+                finish, matched_text = "stop", matched
+            elif kind == "stop":
+                finish = "eos"
+            else:
+                raise RuntimeError(f"sglang finished a request with {fin!r}")
+        ids, logprobs = ids[:cut], logprobs[:cut]
+        prompt = int(meta.get("prompt_tokens", 0))
+        cached = int(meta.get("cached_tokens", 0))
+        self._stats["tokens_prefilled"] += prompt - cached
+        self._stats["tokens_cached"] += cached
+        self._stats["tokens_decoded"] += len(ids)
+        self._stats["requests"] += 1
+        return GenerateResult(ids, logprobs, finish, matched_text, cached)

@@ -1,0 +1,127 @@
+"""Types that cross the rollout's module lines: sampling parameters, engine requests/results, trajectories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+DEFAULT_STOP = ("</code>", "</tool_call>", "</answer>")
+FINISH_REASONS = ("stop", "length", "eos")
+
+
+@dataclass
+class SamplingParams:
+    """How the policy samples one turn. temperature == 0 is greedy. top_k == 0 and top_p == 1 disable those
+    filters. `stop` strings are matched on decoded text; `<|im_end|>` and eos always stop.
+
+    Log-probs returned with samples are log_softmax(logits / T) at the sampled token, fp32, over the full
+    vocabulary (top-k/top-p only restrict what is drawn), with T = temperature (1.0 when greedy): exactly the
+    quantity the trainer recomputes, so the on-policy importance ratio is 1.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=lambda: list(DEFAULT_STOP))
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def logprob_temperature(self) -> float:
+        return 1.0 if self.greedy else float(self.temperature)
+
+
+@dataclass
+class GenerateRequest:
+    """One sequence to continue.
+
+    token_ids: the whole context so far [L]; pixel_values [P, D] fp32 and image_grid_thw [N, 3] for every
+    image whose <|image_pad|> block is in the context, in order; image_keys: one content hash per image
+    (computed from the pixels when None) -- it keys the image's pad tokens in the prefix cache.
+    seed: per-request sampling seed (results then do not depend on how requests are batched).
+    max_new_tokens: per-request cap below sampling.max_new_tokens (e.g. the episode's remaining budget).
+    forced_tokens: teacher-force these tokens instead of sampling (their log-probs are still returned).
+    tag: opaque caller data (e.g. (prompt, sample, turn)), passed through untouched.
+    """
+
+    token_ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    image_keys: list[int] | None = None
+    seed: int | None = None
+    max_new_tokens: int | None = None
+    forced_tokens: list[int] | None = None
+    tag: Any = None
+
+
+@dataclass
+class GenerateResult:
+    """token_ids [n] new tokens (the stop tag / eos that ended the turn included); logprobs [n] fp32 values
+    (see SamplingParams); finish_reason "stop" | "length" | "eos"; matched_stop: the stop string or stop
+    token text that ended the turn; cached_tokens: context tokens served from the prefix cache."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    matched_stop: str | None = None
+    cached_tokens: int = 0
+
+
+@dataclass
+class ToolCallRecord:
+    name: str
+    args: dict
+    status: str
+    latency_s: float
+    error: str | None = None
+
+
+@dataclass
+class Trajectory:
+    """One episode, ready for rewards and packing.
+
+    token_ids [L]: prompt + all turns; loss_mask [L]: 1 only on tokens the policy sampled; sample_logprobs [L]:
+    the sampling-time log-prob of those tokens (0 elsewhere); images: input images then tool-returned ones, in
+    order of appearance, with pixel_values [P, D] fp32 / image_grid_thw [N, 3] int64 (None when no images);
+    turn_spans: [start, end) of each policy turn in token_ids; tool_calls: one record per tool/code call;
+    stop_reason: answer | max_turns | max_tokens | max_images | no_action | invalid_token | tool_error;
+    answer: the text inside <answer>...</answer> (None if the episode did not answer).
+    """
+
+    token_ids: list[int]
+    loss_mask: list[int]
+    sample_logprobs: list[float]
+    images: list[Image.Image]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    turn_spans: list[tuple[int, int]]
+    tool_calls: list[ToolCallRecord]
+    stop_reason: str
+    group_id: int
+    prompt_len: int
+    num_turns: int
+    answer: str | None = None
+    turn_texts: list[str] = field(default_factory=list)
+    prompt_id: str = ""
+    sample_index: int = 0
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
