@@ -16,35 +16,23 @@ References (the spec each kernel is tested against): *_ref.
 
 from __future__ import annotations
 
-import importlib
+from .advantages import group_advantages
+from .advantages_ref import group_advantages_ref
+from .grpo_loss import grpo_loss
+from .grpo_loss_ref import grpo_loss_ref
+from .linear_grpo import fused_linear_grpo_loss
+from .linear_grpo_ref import fused_linear_grpo_loss_ref
+from .logprobs import fused_logprobs
+from .logprobs_ref import logprobs_ref
+from .logprobs_torch import chunked_logprobs
+from .mrope import apply_mrope
+from .mrope_ref import apply_mrope_ref
+from .patch import patch_qwen2_5_vl
 
 __version__ = "0.1.0"
 
-# name -> submodule; resolved on first access so `import deepeyesv2_kernels` stays cheap (PEP 562).
-_EXPORTS = {
-    "fused_logprobs": "logprobs",
-    "logprobs_ref": "logprobs_ref",
-    "chunked_logprobs": "logprobs_torch",
-    "fused_linear_grpo_loss": "linear_grpo",
-    "fused_linear_grpo_loss_ref": "linear_grpo_ref",
-    "grpo_loss": "grpo_loss",
-    "grpo_loss_ref": "grpo_loss_ref",
-    "group_advantages": "advantages",
-    "group_advantages_ref": "advantages_ref",
-    "apply_mrope": "mrope",
-    "patch_qwen2_5_vl": "patch",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__ = [
+    "apply_mrope", "apply_mrope_ref", "chunked_logprobs", "fused_linear_grpo_loss", "fused_linear_grpo_loss_ref",
+    "fused_logprobs", "grpo_loss", "grpo_loss_ref", "group_advantages", "group_advantages_ref", "logprobs_ref",
+    "patch_qwen2_5_vl",
+]

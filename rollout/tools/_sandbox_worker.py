@@ -10,7 +10,7 @@ namespace. It runs as root only long enough to set itself up:
    each non-traversable ancestor of the interpreter (e.g. /root, mode 700) with the interpreter's
    prefix bound back read-only -- so the unprivileged user can still import the stdlib while the
    rest of /root stays invisible;
-3. pre-import numpy / PIL / matplotlib (Agg) so a call costs milliseconds;
+3. pre-import numpy / PIL so a call costs milliseconds (matplotlib, Agg, on first use);
 4. set rlimits, drop to the unprivileged uid/gid (setgroups([])), set no_new_privs, chdir;
 5. send a ``ready`` frame and serve requests.
 
@@ -32,6 +32,7 @@ import stat
 import struct
 import sys
 import traceback
+import warnings
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
@@ -241,21 +242,19 @@ class Kernel:
         self.cell = 0
         self.images = []  # PNG base64 strings produced by the current call
         self.dropped_images = 0
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy  # noqa: F401  (pre-import: a call must not pay for it)
+        # numpy/PIL are pre-imported (a call must not pay for them); matplotlib is not: importing
+        # pyplot costs ~0.45 s of CPU, which every worker of every episode would pay. The backend is
+        # Agg via MPLBACKEND, and figures are captured after each cell (Jupyter-inline semantics).
+        os.environ["MPLBACKEND"] = "Agg"
+        warnings.filterwarnings("ignore", message=".*non-interactive.*")
+        import numpy  # noqa: F401
         from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps  # noqa: F401
-        self.plt, self.Image = plt, Image
-        plt.close(plt.figure())  # load the backend now: switch_backend() later touches plt.show
-
-        def show(*args, **kwargs):  # Agg's show() is a no-op; notebook semantics instead
-            self.show_figures()
+        self.Image = Image
+        self._patched_plt = None
 
         def pil_show(im, *args, **kwargs):
             self.display(im)
 
-        plt.show = show
         Image.Image.show = pil_show
         self.ns["display"] = self.display
 
@@ -280,13 +279,27 @@ class Kernel:
         im.save(buf, format="PNG")
         self.add_png(buf.getvalue())
 
+    def pyplot(self):
+        """matplotlib.pyplot if the user's code imported it (with plt.show patched), else None."""
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None and self._patched_plt is not plt:
+            def show(*args, **kwargs):  # Agg's show() is a no-op; notebook semantics instead
+                self.show_figures()
+
+            plt.show = show
+            self._patched_plt = plt
+        return plt
+
     def show_figures(self, *args, **kwargs) -> None:
-        for num in self.plt.get_fignums():
-            fig = self.plt.figure(num)
+        plt = self.pyplot()
+        if plt is None:
+            return
+        for num in plt.get_fignums():
+            fig = plt.figure(num)
             buf = io.BytesIO()
             fig.savefig(buf, format="png")
             self.add_png(buf.getvalue())
-        self.plt.close("all")
+        plt.close("all")
 
     def display(self, *objs) -> None:
         for obj in objs:
@@ -296,7 +309,9 @@ class Kernel:
                 buf = io.BytesIO()
                 obj.savefig(buf, format="png")
                 self.add_png(buf.getvalue())
-                self.plt.close(obj)
+                plt = self.pyplot()
+                if plt is not None:
+                    plt.close(obj)
             else:
                 print(repr(obj))
 

@@ -420,8 +420,13 @@ class SandboxPool:
         self._live: set[_Worker] = set()
         self._closed = False
         self.last_error: str | None = None
-        self._thread = threading.Thread(target=self._refill, name="sandbox-pool-refill", daemon=True)
-        self._thread.start()
+        self._spawning = 0
+        # Several refill threads: a worker start is ~0.2 s of mostly waiting on exec/imports, and an RL
+        # step can open dozens of sessions at once.
+        self._threads = [threading.Thread(target=self._refill, name=f"sandbox-pool-refill-{i}", daemon=True)
+                         for i in range(max(1, min(size, 4)))]
+        for t in self._threads:
+            t.start()
         atexit.register(self.close)
 
     def _spawn(self, warm: bool) -> _Worker:
@@ -436,18 +441,21 @@ class SandboxPool:
     def _refill(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and len(self._ready) >= self.size:
+                while not self._closed and len(self._ready) + self._spawning >= self.size:
                     self._cond.wait()
                 if self._closed:
                     return
+                self._spawning += 1
             try:
                 worker = self._spawn(warm=True)
             except SandboxError as e:
                 self.last_error = str(e)
                 with self._cond:
+                    self._spawning -= 1
                     self._cond.wait(1.0)  # back off; a broken machine must not spin
                 continue
             with self._cond:
+                self._spawning -= 1
                 self._ready.append(worker)
                 self._cond.notify_all()
 
@@ -493,8 +501,9 @@ class SandboxPool:
             self._cond.notify_all()
         for worker in workers:
             worker.kill()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.limits.startup_timeout_s)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=self.limits.startup_timeout_s)
         atexit.unregister(self.close)
 
     def __enter__(self) -> SandboxPool:

@@ -1,0 +1,189 @@
+"""TRL GRPOTrainer steps with vs without our kernels (deepeyesv2_kernels.integrations.trl.apply), on CPU.
+
+    python -m bench.integrations [--quick] [--steps N]
+
+A tiny Qwen2 (2 layers) with a large vocabulary -- the part the kernels act on -- and a word-level tokenizer of
+the same size built with `tokenizers` (no download), trained by `trl.GRPOTrainer` (fp32, use_cpu, no vLLM,
+beta=0.04 so the reference model's log-probs are computed too). Two variants, each in a fresh subprocess:
+  trl    TRL 1.x as shipped: its own chunked fused LM head (trl.kernels.ChunkedLogProbFunction)
+  ours   the same trainer after `apply(trainer)`: log-probs and entropy by `fused_logprobs`
+Step time: median wall time of the optimizer steps after the first (generation included: it is identical in both
+variants, so the ratio understates the log-prob speed-up). Peak memory: peak RSS growth (VmHWM after resetting
+the high-water mark once the trainer is built) over the whole run.
+
+`rows(quick)` returns dicts (benchmark, ours, peer, ratio, device); `markdown_table(rows)` formats them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+VARIANTS = ("trl", "ours")
+
+
+@dataclass(frozen=True)
+class Setup:
+    vocab: int
+    hidden: int
+    completion: int
+    generations: int
+    prompts: int
+    steps: int
+
+
+FULL = Setup(vocab=151_936, hidden=256, completion=64, generations=4, prompts=8, steps=4)
+QUICK = Setup(vocab=32_768, hidden=128, completion=32, generations=4, prompts=4, steps=3)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _word_tokenizer(vocab: int):
+    """A word-level fast tokenizer with exactly `vocab` ids (words w0..wN plus the chat specials)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    words = {tok: i for i, tok in enumerate(specials)}
+    words.update({f"w{i}": i for i in range(len(specials), vocab)})
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>")
+
+
+def _worker(variant: str, setup: Setup) -> dict:
+    """Runs in a fresh process: builds the model and trainer, trains `setup.steps` steps, reports time and RSS."""
+    import gc
+    import warnings
+
+    import torch
+    from datasets import Dataset
+    from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    tokenizer = _word_tokenizer(setup.vocab)
+    tmp = tempfile.mkdtemp(prefix="bench_integrations_")
+    cfg = Qwen2Config(vocab_size=setup.vocab, hidden_size=setup.hidden, intermediate_size=2 * setup.hidden,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp)
+    prompts = [" ".join(f"w{10 + 7 * i + j}" for j in range(12)) for i in range(setup.prompts)]
+
+    step_times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_times.append(time.perf_counter() - self.t0)
+
+    args = GRPOConfig(output_dir=tmp, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, save_strategy="no",
+                      max_completion_length=setup.completion, num_generations=setup.generations,
+                      per_device_train_batch_size=setup.prompts * setup.generations // 2,
+                      gradient_accumulation_steps=2, max_steps=setup.steps, seed=0, beta=0.04, optim="sgd",
+                      learning_rate=1e-3, logging_steps=1, model_init_kwargs={"dtype": torch.float32})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(model=tmp, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                              args=args, train_dataset=Dataset.from_dict({"prompt": prompts * 4}),
+                              processing_class=tokenizer, callbacks=[Timer()])
+        if variant == "ours":
+            from deepeyesv2_kernels.integrations.trl import apply
+
+            apply(trainer)
+        gc.collect()
+        try:  # reset the RSS high-water mark to the current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        base = _rss_kib("VmRSS")
+        trainer.train()
+    peak = _rss_kib("VmHWM")
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {"step_seconds": statistics.median(step_times[1:] or step_times), "peak_growth_bytes": (peak - base) * 1024,
+            "losses": losses, "threads": torch.get_num_threads()}
+
+
+def _run_worker_subprocess(variant: str, setup: Setup) -> dict:
+    cmd = [sys.executable, "-m", "bench.integrations", "--worker", variant, "--setup", json.dumps(asdict(setup))]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=3600)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout)[-500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
+
+
+def _fmt_b(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
+
+
+def rows(quick: bool = False, steps: int | None = None, verbose: bool = True) -> list[dict]:
+    """Run both variants (one subprocess each) and return rows ours vs TRL."""
+    setup = QUICK if quick else FULL
+    if steps is not None:
+        setup = Setup(**{**asdict(setup), "steps": steps})
+    res = {}
+    for variant in VARIANTS:
+        res[variant] = _run_worker_subprocess(variant, setup)
+        if verbose:
+            print(f"  {variant:5s} {res[variant]}", file=sys.stderr, flush=True)
+    ours, peer = res["ours"], res["trl"]
+    threads = ours.get("threads", peer.get("threads", "?"))
+    device = (f"CPU x{threads} threads, fp32, Qwen2 2L H={setup.hidden} V={setup.vocab}, "
+              f"{setup.prompts}x{setup.generations} completions of <= {setup.completion} tokens")
+    if "error" in ours or "error" in peer:
+        return [dict(benchmark="TRL GRPOTrainer step", ours=ours.get("error", "ok"), peer=peer.get("error", "ok"),
+                     ratio=float("nan"), device=device)]
+    return [
+        dict(benchmark="TRL GRPOTrainer step time (ours vs trl)", ours=_fmt_s(ours["step_seconds"]),
+             peer=_fmt_s(peer["step_seconds"]), ratio=ours["step_seconds"] / peer["step_seconds"], device=device),
+        dict(benchmark="TRL GRPOTrainer peak RSS growth (ours vs trl)", ours=_fmt_b(ours["peak_growth_bytes"]),
+             peer=_fmt_b(peer["peak_growth_bytes"]),
+             ratio=ours["peak_growth_bytes"] / max(peer["peak_growth_bytes"], 1), device=device),
+    ]
+
+
+def markdown_table(table_rows: list[dict]) -> str:
+    lines = ["| benchmark | ours | peer | ratio | device |", "|---|---|---|---|---|"]
+    for r in table_rows:
+        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {r['ratio']:.3f} | {r['device']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="V=32k, 3 steps (~1-2 minutes on 2 cores)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--setup", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args.worker, Setup(**json.loads(args.setup)))))
+        return
+    print(markdown_table(rows(args.quick, args.steps)))
+
+
+if __name__ == "__main__":
+    main()
