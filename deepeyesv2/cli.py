@@ -5,7 +5,9 @@
     deepeyesv2 rl   --config f.yaml ...  GRPO/DAPO on multi-turn tool rollouts
     deepeyesv2 demo [--quick]            SFT then RL on the tiny model with tools (the CPU demo)
     deepeyesv2 bench [--quick]           benchmarks vs peers -> bench/results/<date>-<device>.md
+    deepeyesv2 eval --model M --data F   accuracy per category with tool rollouts (RealX-Bench-style JSONL)
     deepeyesv2 plot RUN_DIR              PNG training curves
+    deepeyesv2 plan --config f.yaml [--gpu-mem 24GiB]   predicted peak memory by component, what fits
 
 Overrides use the config's dotted field names: `--rl.group_size 8 --train.steps 20`.
 """
@@ -126,14 +128,25 @@ def main(argv: list[str] | None = None) -> int:
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             print(f"deepeyesv2 {cmd}: config error: {' '.join(lines[:2])}", file=sys.stderr)
             return 2
-        if cmd == "sft":
-            from .sft import train_sft
+        from .checkpoint import CheckpointError
+        from .rewards import RewardError
 
-            train_sft(cfg)
-        else:
-            from .rl import train_rl
+        try:
+            if cmd == "sft":
+                from .sft import train_sft
 
-            train_rl(cfg)
+                train_sft(cfg)
+            else:
+                from .rl import train_rl
+
+                train_rl(cfg)
+        except (ValueError, FileNotFoundError, CheckpointError, RewardError) as e:
+            # Bad input (data, config values, checkpoints, a failing reward function): the message names
+            # the file/line/key; a traceback from deep inside the trainer would only bury it.
+            print(f"deepeyesv2 {cmd}: error: {e}", file=sys.stderr)
+            if "file not found" in str(e) and "examples/data" in str(e):
+                print("  (generate the example data with: python -m deepeyesv2.make_examples examples/data)", file=sys.stderr)
+            return 1
         return 0
     if cmd == "demo":
         from .demo import main as demo_main
@@ -143,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         from .benchmarks import main as bench_main
 
         return bench_main(rest)
+    if cmd == "eval":
+        from .eval_cli import main as eval_main
+
+        return eval_main(rest)
+    if cmd == "plan":
+        from .memory_plan import main as plan_main
+
+        return plan_main(rest)
     if cmd == "plot":
         if not rest:
             print("usage: deepeyesv2 plot RUN_DIR", file=sys.stderr)

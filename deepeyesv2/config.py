@@ -33,6 +33,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     grad_accum: int = 1
+    offload_states: bool = False  # AdamW moments + fp32 master weights in host memory (deepeyesv2.memory)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     logprob_chunk: int = 1024  # tokens per chunk in the CPU log-prob path
+    logprob_tokens_budget: int = 0  # no-grad log-prob passes (old / reference) take <= this many tokens at once; 0 = a whole row
 
 
 @dataclass
@@ -75,6 +77,7 @@ class RLConfig:
     dual_clip: float | None = None
     kl_coef: float = 0.0  # DeepEyesV2 trains without KL
     kl_estimator: str = "k3"
+    ref_on_cpu: bool = False  # full fine-tune KL reference parked in host memory (LoRA: base = adapters off, free)
     loss_agg: str = "token-mean"
     adv_norm: str = "std"  # std (GRPO) | none (Dr.GRPO)
     dynamic_sampling: bool = True  # DAPO: drop groups whose rewards are all equal, refill
@@ -82,6 +85,7 @@ class RLConfig:
     overlong_buffer: int = 0  # DAPO soft overlong penalty window (tokens); 0 = off
     overlong_penalty: float = 1.0
     entropy_coef: float = 0.0
+    recompute_old_logprobs: bool = False  # else reuse the sampling-time log-probs
     reward: str = "deepeyesv2"  # deepeyesv2 | deepeyes_v1 | a "module:function" path
 
 

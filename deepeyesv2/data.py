@@ -158,6 +158,10 @@ def sft_messages(rec: dict, name: str) -> tuple[list[dict], list[Any]]:
         content = msg.get(content_key)
         if src_role == "function_call":
             content = _function_call_text(content)
+        if role == "assistant" and (content is None or (isinstance(content, str) and not content.strip())
+                                    or (isinstance(content, list) and not content)):
+            raise DataError(f"{name}: message {i} is an empty assistant turn (a zero-length answer would train "
+                            f"only its end-of-turn token)")
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{name}: no assistant turn, nothing to train on")
@@ -269,8 +273,12 @@ def prompt_record(rec: dict, name: str, base_dir: str | Path | None = None, chec
         if not answer or not all(isinstance(a, (str, int, float)) for a in answer):
             raise DataError(f"{name}: 'answer' list must be non-empty strings")
         answer = [str(a) for a in answer]
+        if not all(a.strip() for a in answer):
+            raise DataError(f"{name}: 'answer' list holds an empty string (rewards would match against nothing)")
     else:
         answer = str(answer)
+        if not answer.strip():
+            raise DataError(f"{name}: 'answer' is empty (rewards would match against nothing)")
     category = rec.get("category") or "reasoning"
     if not isinstance(category, str):
         raise DataError(f"{name}: 'category' must be a string, got {type(category).__name__}")

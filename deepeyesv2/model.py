@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
     ),
     "small": dict(  # for memory-planner validation and benchmarks: a mid-size LM on the same vocab
         text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                  num_key_value_heads=4, mrope_section=[16, 24, 24]),
+                  num_key_value_heads=4, mrope_section=[8, 12, 12]),  # head_dim 64: sections sum to 32
         vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, window_size=112,
                     fullatt_block_indexes=[1]),
     ),
@@ -47,7 +47,11 @@ class ModelConfig:
     attn_backend: str = "sdpa"  # sdpa | flash | xformers (see deepeyesv2.attention)
     seed: int = 0
     freeze_vision: bool = True
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
+    lora_rank: int = 0  # > 0: train LoRA adapters on the text model only (see deepeyesv2.lora); 0 = full fine-tune
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def load_processor(name_or_path: str = "tiny") -> ChatProcessor:
@@ -111,7 +115,17 @@ def build_model(cfg: ModelConfig | None = None, processor: ChatProcessor | None 
         model.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_rank > 0:
+        from .lora import apply_lora
+
+        model = apply_lora(model, cfg)
     return model, processor
+
+
+def unwrap_model(model):
+    """The Qwen2.5-VL model under a PEFT wrapper (LoRA layers are injected in place, so they stay active)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
@@ -120,6 +134,7 @@ def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
     The language model runs on the whole row once; `cu_seq_lens_q` makes the varlen attention keep
     every sequence to itself, and position ids restart per sequence.
     """
+    model = unwrap_model(model)
     embeds = embed_inputs(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
     out = model.model.language_model(
         inputs_embeds=embeds.unsqueeze(0),

@@ -13,11 +13,9 @@ are all equal (very common: all right / all wrong) gets exactly 0 rather than ro
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
+from ._triton_utils import interpreting, jit, use_triton
 from .advantages_ref import NORMS
 
 try:  # triton is optional: the torch path works without it
@@ -89,31 +87,6 @@ def _group_advantages_fwd_kernel(
                 tl.store(token_adv_ptr + o_t, b_out, mask=m_t)
 
 
-@functools.lru_cache(maxsize=None)
-def _jit(fn, interpret: bool):
-    # Kernels are jitted on first use, not at import, so TRITON_INTERPRET set after importing this module counts.
-    del interpret  # part of the cache key only
-    return triton.jit(fn)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if triton is None:
-            raise ValueError("backend='triton' but triton is not installed")
-        if not (_interpret() or all(t.is_cuda for t in tensors)):
-            raise ValueError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
-        return True
-    return triton is not None and (_interpret() or all(t.is_cuda for t in tensors))
-
-
 def _group_advantages_triton(rewards, group_ids, cu_seqlens, loss_mask, seq_ids, norm, eps, T):
     N = rewards.shape[0]
     S = 0 if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -122,7 +95,7 @@ def _group_advantages_triton(rewards, group_ids, cu_seqlens, loss_mask, seq_ids,
     if N == 0:
         return seq_adv, None if token_adv is None else token_adv.zero_()
     has_tokens = cu_seqlens is not None and S > 0
-    kernel = _jit(_group_advantages_fwd_kernel, _interpret())
+    kernel = jit(_group_advantages_fwd_kernel, interpreting())
     kernel[(max(N, S),)](
         rewards.contiguous(), group_ids.contiguous(),
         cu_seqlens if has_tokens else group_ids, seq_ids if has_tokens else group_ids,
@@ -215,6 +188,6 @@ def group_advantages(
     T = _validate(rewards, group_ids, cu_seqlens, loss_mask, seq_ids, norm)
     if cu_seqlens is not None and seq_ids is None:
         seq_ids = torch.arange(cu_seqlens.shape[0] - 1, device=rewards.device)
-    if _use_triton(backend, rewards):
+    if use_triton(backend, rewards):
         return _group_advantages_triton(rewards, group_ids, cu_seqlens, loss_mask, seq_ids, norm, eps, T)
     return _group_advantages_torch(rewards, group_ids, cu_seqlens, loss_mask, seq_ids, norm, eps, T)

@@ -17,11 +17,9 @@ gradient by ``grad_out * weight[seq]``.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
+from ._triton_utils import interpreting, jit, use_triton
 from .grpo_loss_ref import KL_ESTIMATORS, LOSS_AGGS, grpo_token_terms_ref
 
 try:  # triton is optional: the torch path works without it
@@ -145,31 +143,6 @@ def _grpo_loss_bwd_kernel(
             tl.store(dent_out_ptr + o_t, b_de.to(dent_out_ptr.dtype.element_ty), mask=m_t)
 
 
-@functools.lru_cache(maxsize=None)
-def _jit(fn, interpret: bool):
-    # Kernels are jitted on first use, not at import, so TRITON_INTERPRET set after importing this module counts.
-    del interpret  # part of the cache key only
-    return triton.jit(fn)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if triton is None:
-            raise ValueError("backend='triton' but triton is not installed")
-        if not (_interpret() or all(t.is_cuda for t in tensors)):
-            raise ValueError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
-        return True
-    return triton is not None and (_interpret() or all(t.is_cuda for t in tensors))
-
-
 def _seq_weights(stats: torch.Tensor, loss_agg: str, num_tokens: float | None) -> torch.Tensor:
     """[S] fp32 weight of each sequence's summed token loss in the aggregated loss (device ops only, no sync)."""
     count = stats[:, _COUNT]
@@ -201,8 +174,8 @@ class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs, old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs, entropy,
                 clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_agg, num_tokens, entropy_coef):
-        interp = _interpret()
-        fwd = _jit(_grpo_loss_fwd_kernel, interp)
+        interp = interpreting()
+        fwd = jit(_grpo_loss_fwd_kernel, interp)
         T = logprobs.shape[0]
         S = cu_seqlens.shape[0] - 1
         mask_u8 = loss_mask.contiguous().view(torch.uint8)
@@ -232,7 +205,7 @@ class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         dlogp, mask_u8, cu_seqlens, weights = ctx.saved_tensors
-        bwd = _jit(_grpo_loss_bwd_kernel, _interpret())
+        bwd = jit(_grpo_loss_bwd_kernel, interpreting())
         S = cu_seqlens.shape[0] - 1
         ent_grad = ctx.ent_dtype is not None and ctx.needs_input_grad[6]
         grad_logp = torch.zeros(dlogp.shape, dtype=ctx.logp_dtype, device=dlogp.device)
@@ -336,7 +309,7 @@ def grpo_loss(
               dual_clip, kl_estimator, loss_agg, num_tokens)
     args = (logprobs, old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs, entropy, clip_low, clip_high,
             dual_clip, kl_coef, kl_estimator, loss_agg, num_tokens, entropy_coef)
-    if _use_triton(backend, logprobs):
+    if use_triton(backend, logprobs):
         contig = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in args[:7]]
         loss, stats = GRPOLossFunction.apply(*contig, *args[7:])
     else:

@@ -13,11 +13,9 @@ the sign of sin flipped (a rotation's inverse is its transpose), so nothing but 
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
+from ._triton_utils import interpreting, jit, use_triton
 from .mrope_ref import mrope_rows
 
 try:  # triton is optional: the torch path works without it
@@ -69,31 +67,6 @@ def _mrope_fwd_kernel(
     tl.store(p_ko + HALF, (b_k2 * b_cos[None, :] + b_k1 * b_sin[None, :]).to(k_out_ptr.dtype.element_ty), mask=m_k)
 
 
-@functools.lru_cache(maxsize=None)
-def _jit(fn, interpret: bool):
-    # Kernels are jitted on first use, not at import, so TRITON_INTERPRET set after importing this module counts.
-    del interpret  # part of the cache key only
-    return triton.jit(fn)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if triton is None:
-            raise ValueError("backend='triton' but triton is not installed")
-        if not (_interpret() or all(t.is_cuda for t in tensors)):
-            raise ValueError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
-        return True
-    return triton is not None and (_interpret() or all(t.is_cuda for t in tensors))
-
-
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -103,7 +76,7 @@ def _launch(q, k, q_out, k_out, position_ids, inv_freq, rows, scaling, backward)
     HK = k.shape[1]
     if T == 0:
         return
-    kernel = _jit(_mrope_fwd_kernel, _interpret())
+    kernel = jit(_mrope_fwd_kernel, interpreting())
     kernel[(T,)](
         q, k, q_out, k_out, position_ids, inv_freq, rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -189,7 +162,7 @@ def apply_mrope(
     if inplace and (q.stride(-1) != 1 or k.stride(-1) != 1):
         raise ValueError("inplace=True needs q and k with a contiguous last dim")
     rows = mrope_rows(mrope_section, device=q.device)
-    if _use_triton(backend, q, k):
+    if use_triton(backend, q, k):
         pos = position_ids.contiguous()
         return MRopeFunction.apply(q, k, pos, inv_freq.float().contiguous(), rows, float(scaling), inplace)
     q_out, k_out = _apply_mrope_torch(q, k, position_ids, inv_freq, rows, scaling)

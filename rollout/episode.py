@@ -306,14 +306,23 @@ def run_episodes(
                     ep.pending = None
                     if out is not None:
                         runner.add_observation(ep, *out)
+                # A finished episode gives its sandbox back now, not at the end of the batch: a large
+                # batch would otherwise hold one live worker process per tool-using episode.
+                for ep, _ in reqs:
+                    if ep.done:
+                        _close_session(ep)
                 bar.update(sum(ep.done for ep in episodes) - bar.n)
     finally:
         bar.close()
         for ep in episodes:
-            if ep.session is not None:
-                try:
-                    ep.session.close()
-                except Exception:  # noqa: BLE001 -- closing must not mask the real error
-                    pass
-                ep.session = None
+            _close_session(ep)
     return [ep.trajectory() for ep in episodes]
+
+
+def _close_session(ep: _Episode) -> None:
+    if ep.session is not None:
+        try:
+            ep.session.close()
+        except Exception:  # noqa: BLE001 -- closing must not mask the real error
+            pass
+        ep.session = None

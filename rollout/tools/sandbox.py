@@ -199,12 +199,19 @@ def _minimal_env() -> dict[str, str]:
 
 # ---------------------------------------------------------------- one worker process
 
+def _wait_fd(fd: int, event: int, left: float) -> bool:
+    """poll(), not select(): select() fails once a busy trainer holds more than 1024 descriptors."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(max(0.0, left) * 1000))
+
+
 def _read_frame(fd: int, deadline: float) -> dict:
     def read_exact(n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not _wait_fd(fd, select.POLLIN, left):
                 raise WorkerTimeout("no reply before the deadline")
             chunk = os.read(fd, min(n - len(buf), 1 << 20))
             if not chunk:
@@ -229,7 +236,7 @@ def _write_frame(fd: int, msg: dict, deadline: float) -> None:
     view = memoryview(struct.pack(">I", len(data)) + data)
     while view:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([], [fd], [], left)[1]:
+        if left <= 0 or not _wait_fd(fd, select.POLLOUT, left):
             raise WorkerTimeout("the worker did not read its input before the deadline")
         try:
             view = view[os.write(fd, view[:65536]):]

@@ -1,0 +1,383 @@
+"""One whole GRPO training step, ours vs TRL's GRPOTrainer (and TRL + Liger), on the same tiny Qwen2.5-VL, on CPU.
+
+    python -m bench.e2e_grpo [--quick] [--steps N] [--only ours,trl,trl-liger]
+
+The same task for every variant: the tiny random-weight Qwen2.5-VL of `deepeyesv2.model.build_model()` (vision
+tower frozen, fp32, SDPA), P counting prompts each with one 112x112 image and the DeepEyesV2 system prompt, G
+samples per prompt at temperature 1, one policy turn of at most M new tokens (TRL cannot run our multi-turn tool
+protocol, so tools are off for everyone: `rollout.max_turns = 1`), a reward that depends on the completion text,
+DAPO token-mean clipped loss (0.2 / 0.28), no KL, AdamW, grad clip 1. One step = generation + rewards +
+advantages + log-probs + loss + backward + optimizer step.
+  ours       deepeyesv2: make_rollouts (embedded engine, radix prefix cache) -> rl.collect_groups ->
+             rl.build_rows (packing) -> rl.update_policy (fused lm-head GRPO loss), the body of `train_rl`
+  trl        trl.GRPOTrainer(use_cpu=True), HF generate, TRL's chunked fused lm-head log-probs
+  trl-liger  the same with use_liger_kernel=True (TRL 1.16 then applies Liger's layer kernels, keeping its own
+             log-prob head). With liger-kernel 0.8.5 + transformers 5.24 it fails at import for Qwen2.5-VL
+             (LigerQwen2_5_VLCausalLMOutputWithPast is not defined): its row says n/a with that reason.
+Each variant runs in a fresh subprocess: one warm-up step, then the median of `steps` steps. Generated tokens/s =
+completion tokens / generation seconds; trained tokens/s = completion (loss) tokens / (step - generation)
+seconds; step CPU time = process CPU seconds (all threads), the number to compare on a shared machine, where
+wall time depends on other jobs; peak RSS growth = VmHWM over the steps minus the RSS after setup (model, trainer,
+data built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+VARIANTS = ("ours", "trl", "trl-liger")
+
+
+@dataclass(frozen=True)
+class Setup:
+    prompts: int  # P prompts per step
+    group: int  # G samples per prompt
+    completion: int  # M: max new tokens of the single policy turn
+    steps: int  # timed steps after one warm-up step
+    image: int = 112  # px, square
+    lr: float = 1e-6
+
+
+FULL = Setup(prompts=4, group=8, completion=64, steps=4)
+QUICK = Setup(prompts=2, group=4, completion=32, steps=3)
+MICRO = Setup(prompts=1, group=2, completion=8, steps=1)  # pytest-benchmark
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); returns the current RSS in KiB."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss_kib("VmRSS")
+
+
+def text_reward(text: str) -> float:
+    """The shared reward: any deterministic function of the completion text with spread inside a group, so
+    advantages are non-zero (a random-weight policy never answers correctly)."""
+    return (len(text.strip()) % 5) / 4.0
+
+
+def task_prompts(setup: Setup):
+    """P PromptRecords: the demo's counting question over a generated image (same for every variant)."""
+    from deepeyesv2.demo_task import count_prompts
+
+    prompts = count_prompts(setup.prompts, seed=7, prefix="e2e")
+    for p in prompts:
+        p.images = [im.resize((setup.image, setup.image)) for im in p.images]
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------ ours
+def _ours_trainer(setup: Setup):
+    """(step function, model): one GRPO step with the pieces of deepeyesv2.rl.train_rl."""
+    import torch
+
+    from deepeyesv2.config import Config
+    from deepeyesv2.data import ShuffledIterator
+    from deepeyesv2.model import ModelConfig, build_model
+    from deepeyesv2.optim import build_optimizer
+    from deepeyesv2.rewards import RewardResult
+    from deepeyesv2.rl import build_rows, collect_groups, update_policy
+    from deepeyesv2.rollouts import make_rollouts
+
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model = ModelConfig(name_or_path="tiny", freeze_vision=True)
+    cfg.rollout.max_turns = 1  # single turn: the task TRL can run too
+    cfg.rollout.max_new_tokens = setup.completion
+    cfg.rollout.temperature = 1.0
+    cfg.rollout.max_total_tokens = 8192
+    cfg.rollout.sandbox_workers = 0  # no tools are called; do not pre-start sandbox processes
+    cfg.rl.prompts_per_step, cfg.rl.group_size = setup.prompts, setup.group
+    cfg.rl.dynamic_sampling = False  # TRL keeps all-equal groups too
+    cfg.rl.clip_low, cfg.rl.clip_high, cfg.rl.kl_coef = 0.2, 0.28, 0.0
+    cfg.optim.lr, cfg.optim.min_lr_ratio, cfg.optim.grad_clip = setup.lr, 1.0, 1.0
+    cfg.train.tokens_per_batch = 16384
+    cfg.train.progress = False
+    model, proc = build_model(cfg.model)
+    prompts = task_prompts(setup)
+    rollouts = make_rollouts(model, proc, cfg, progress=False)
+    rollouts.required_tools = ()
+    order = ShuffledIterator(len(prompts))
+    opt, sched = build_optimizer(model, cfg.optim, 1 + setup.steps)
+
+    def reward_fn(inp):
+        return RewardResult(text_reward(inp.response_text), {})
+
+    def step(i: int) -> dict:
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.eval()
+        rollouts.seed = 1000 + i
+        groups, _ = collect_groups(rollouts, prompts, order, proc, reward_fn, cfg)
+        t_gen = time.perf_counter() - t0
+        rows, rewards, gids = build_rows(groups, cfg.train.tokens_per_batch, proc)
+        rollouts.engine.clear_cache()
+        model.train()
+        update_policy(model, opt, sched, rows, rewards, gids, cfg)
+        rollouts.engine.update_weights(model)
+        trajs = [t for g in groups for t in g.trajectories]
+        return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "gen_seconds": t_gen,
+                "generated_tokens": sum(sum(t.loss_mask) for t in trajs),
+                "forward_tokens": sum(r.num_tokens for r in rows),
+                "prompt_tokens": trajs[0].prompt_len}
+
+    return step, rollouts.close
+
+
+# ------------------------------------------------------------------------------------------------- TRL
+def _image_only_processor(tokenizer, image_processor, chat_template: str):
+    """Qwen2_5_VLProcessor without a video processor (it needs torchvision, which this install lacks)."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(name, arg)
+
+    return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                        chat_template=chat_template)
+
+
+def _trl_trainer(setup: Setup, liger: bool):
+    import warnings
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from deepeyesv2.model import TINY_PROCESSOR_DIR, build_model
+    from deepeyesv2_rollout.protocol import SYSTEM_PROMPT
+
+    torch.manual_seed(0)
+    tmp = tempfile.mkdtemp(prefix="bench_e2e_grpo_")
+    model, chat = build_model()
+    model.set_attn_implementation("sdpa")  # TRL batches padded rows (our varlen attention wants packed ones)
+    model.save_pretrained(tmp)
+    del model
+    processor = _image_only_processor(chat.tokenizer, chat.image_processor,
+                                      (TINY_PROCESSOR_DIR / "chat_template.jinja").read_text())
+    prompts = task_prompts(setup)
+    columns = {
+        "prompt": [[{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.question}]}]
+                   for p in prompts],
+        "image": [p.images[0] for p in prompts],
+    }
+    per_step = setup.prompts * setup.group
+    times: list[dict] = []
+    gen: dict = {}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            gen.clear()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append({"seconds": time.perf_counter() - self.t0, "cpu_seconds": time.process_time() - self.c0, **gen})
+
+    def reward(completions, **kwargs):
+        return [text_reward(c[-1]["content"] if isinstance(c, list) else str(c)) for c in completions]
+
+    args = GRPOConfig(output_dir=tmp, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, save_strategy="no",
+                      max_completion_length=setup.completion, num_generations=setup.group,
+                      per_device_train_batch_size=per_step, gradient_accumulation_steps=1,
+                      max_steps=1 + setup.steps, seed=0, beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
+                      temperature=1.0, top_p=1.0, learning_rate=setup.lr, lr_scheduler_type="constant",
+                      max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, use_liger_kernel=liger,
+                      model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(model=tmp, reward_funcs=reward, args=args, processing_class=processor,
+                              train_dataset=Dataset.from_dict({k: v * 64 for k, v in columns.items()}),
+                              callbacks=[Timer()])
+    trainer.model.model.visual.requires_grad_(False)  # as ours: vision frozen (the optimizer skips it)
+    generate = trainer._generate_single_turn
+
+    def timed_generate(prompt_ids, *a, **kw):
+        t0 = time.perf_counter()
+        completion_ids, logprobs = generate(prompt_ids, *a, **kw)
+        gen.update(gen_seconds=time.perf_counter() - t0, generated_tokens=sum(len(c) for c in completion_ids),
+                   prompt_tokens=len(prompt_ids[0]))
+        return completion_ids, logprobs
+
+    trainer._generate_single_turn = timed_generate
+
+    def run_all() -> list[dict]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+        for t in times:  # the loss covers completion tokens; the forward runs over the padded prompt + completion
+            t["forward_tokens"] = per_step * t["prompt_tokens"] + t["generated_tokens"]
+        return times
+
+    return run_all
+
+
+# --------------------------------------------------------------------------------------------- workers
+def _summary(steps: list[dict], base_kib: int) -> dict:
+    import torch
+
+    timed = steps[1:] or steps
+    med = {k: statistics.median(s[k] for s in timed) for k in timed[0]}
+    train_s = statistics.median(s["seconds"] - s["gen_seconds"] for s in timed)
+    return {**med, "train_seconds": train_s, "min_seconds": min(s["seconds"] for s in timed),
+            "generated_tok_s": statistics.median(s["generated_tokens"] / s["gen_seconds"] for s in timed),
+            "trained_tok_s": statistics.median(s["generated_tokens"] / (s["seconds"] - s["gen_seconds"]) for s in timed),
+            "peak_rss_growth_bytes": (_rss_kib("VmHWM") - base_kib) * 1024, "peak_rss_bytes": _rss_kib("VmHWM") * 1024,
+            "threads": torch.get_num_threads(), "steps_timed": len(timed)}
+
+
+def _worker(variant: str, setup: Setup) -> dict:
+    if variant == "ours":
+        step, close = _ours_trainer(setup)
+        base = _reset_peak_rss()
+        try:
+            steps = [step(i) for i in range(1 + setup.steps)]
+        finally:
+            close()
+        return _summary(steps, base)
+    if variant in ("trl", "trl-liger"):
+        run_all = _trl_trainer(setup, liger=variant == "trl-liger")
+        base = _reset_peak_rss()
+        return _summary(run_all(), base)
+    raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
+
+
+def _run_worker_subprocess(variant: str, setup: Setup, timeout: float = 1800) -> dict:
+    cmd = [sys.executable, "-m", "bench.e2e_grpo", "--worker", variant, "--setup", json.dumps(asdict(setup))]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": _last_error_line(proc.stderr or proc.stdout)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _last_error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errs[-1] if errs else (lines[-1] if lines else "no output"))[:300]
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
+
+
+def _fmt_b(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
+
+
+METRICS = (  # key, label, formatter, better
+    ("seconds", "GRPO step time", _fmt_s, "lower"),
+    # CPU seconds of the process (all threads): far less sensitive than wall time to other jobs on a shared machine
+    ("cpu_seconds", "GRPO step CPU time (all threads)", _fmt_s, "lower"),
+    ("generated_tok_s", "GRPO generated tokens/s", lambda x: f"{x:.0f}", "higher"),
+    ("trained_tok_s", "GRPO trained tokens/s (update phase)", lambda x: f"{x:.0f}", "higher"),
+    ("peak_rss_growth_bytes", "GRPO peak RSS growth", _fmt_b, "lower"),
+)
+
+
+def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...] = VARIANTS,
+         verbose: bool = True) -> list[dict]:
+    """Run each variant in its own subprocess; rows ours vs trl and ours vs trl-liger (ratio = ours / peer)."""
+    setup = QUICK if quick else FULL
+    if steps is not None:
+        setup = Setup(**{**asdict(setup), "steps": steps})
+    res = {}
+    for v in variants:
+        res[v] = _run_worker_subprocess(v, setup)
+        if verbose:
+            print(f"  e2e_grpo {v:9s} {res[v]}", file=sys.stderr, flush=True)
+    ours = res.get("ours", {"error": "not run"})
+    device = f"CPU x{ours.get('threads', '?')} threads, fp32"
+    note = (f"tiny Qwen2.5-VL, P={setup.prompts} prompts x G={setup.group}, 1 turn <= {setup.completion} new tokens, "
+            f"1 image {setup.image}px; median of {setup.steps} steps after a warm-up")
+    out = []
+    for peer_name in [v for v in variants if v != "ours"]:
+        peer = res[peer_name]
+        label = "TRL GRPOTrainer" if peer_name == "trl" else "TRL GRPOTrainer + Liger"
+        if "error" in ours or "error" in peer:
+            why = peer.get("error") or ours.get("error")
+            out.append(dict(benchmark=f"GRPO step (ours vs {label})", ours="failed" if "error" in ours else "ok",
+                            peer="n/a" if "error" in peer else "ok", ratio=None, device=device,
+                            note=f"{'ours' if 'error' in ours else peer_name} failed: {why}", better="lower"))
+            continue
+        for key, name, fmt, better in METRICS:
+            out.append(dict(benchmark=f"{name} (ours vs {label})", ours=fmt(ours[key]), peer=fmt(peer[key]),
+                            ratio=ours[key] / peer[key] if peer[key] else None, device=device,
+                            note=note + (f"; prompt tokens ours {ours['prompt_tokens']:.0f} / TRL {peer['prompt_tokens']:.0f}"
+                                         f"; fastest step ours {_fmt_s(ours['min_seconds'])} / TRL "
+                                         f"{_fmt_s(peer['min_seconds'])}" if key == "seconds" else ""), better=better))
+    return out
+
+
+# ------------------------------------------------------------------------------------ pytest-benchmark
+def test_bench_e2e_grpo_step_ours(benchmark):
+    """One of our GRPO steps on the MICRO setup (run with `pytest bench/ --benchmark-only`)."""
+    import pytest
+
+    if getattr(benchmark, "disabled", True):
+        pytest.skip("benchmarks run only with --benchmark-enable / --benchmark-only")
+    step, close = _ours_trainer(MICRO)
+    counter = iter(range(10**6))
+    try:
+        out = benchmark.pedantic(lambda: step(next(counter)), rounds=2, warmup_rounds=1)
+    finally:
+        close()
+    assert out["generated_tokens"] > 0
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def markdown_table(table_rows: list[dict]) -> str:
+    lines = ["| benchmark | ours | peer | ours/peer | better | note |", "|---|---|---|---|---|---|"]
+    for r in table_rows:
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {ratio} | {r['better']} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK}")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up step")
+    parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants (ours always runs)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--setup", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args.worker, Setup(**json.loads(args.setup)))))
+        return
+    variants = tuple(dict.fromkeys(["ours", *[v.strip() for v in args.only.split(",") if v.strip()]]))
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        parser.error(f"--only: unknown variant(s) {bad}; choose from {VARIANTS}")
+    print(markdown_table(rows(args.quick, args.steps, variants)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Peak memory of one RL training step on CPU: ours (full FT / LoRA / LoRA + checkpointing + offload) vs TRL.
+
+    python -m bench.memory [--quick]
+
+Same architecture on both sides. TRL's GRPOTrainer takes a text model, so the peer runs a Qwen2ForCausalLM with
+exactly the text sizes of our policy (the `small` preset: hidden 1024, 8 layers, 16 heads / 4 KV heads, MLP 2816,
+vocab 1024; `--quick`: the `tiny` preset); ours runs the Qwen2.5-VL preset itself (its frozen vision tower adds
+~1 % of the weights and is not run: the batch is text). Batch: 2 prompts x G=4 completions, 64 prompt + 192
+completion tokens (8 sequences, 2048 tokens); ours packs them into two rows of 1024 tokens. LoRA rank 16 on
+q/k/v/o/gate/up/down_proj on both sides; AdamW; fp32.
+
+Measured, each variant in a fresh subprocess: peak RSS growth over the RSS right after the imports, during the
+training part of a step (forward, backward, optimizer step) -- for TRL the high-water mark is reset when
+`compute_loss` starts, so its generation (KV cache) is excluded, like our rollout phase. Two steps, the max kept
+(the second step runs with AdamW moments alive). glibc's mmap threshold is fixed (see deepeyesv2.memory_probe)
+on both sides. Peer variants: TRL + PEFT for LoRA, TRL + PEFT + gradient_checkpointing for the lean mode, plain
+TRL for full fine-tuning.
+
+`rows(quick)` returns dicts (benchmark, ours, peer, ratio, device); `markdown_table(rows)` formats them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+PROMPTS, GROUP, PROMPT_TOKENS, COMPLETION = 2, 4, 64, 192
+LORA_RANK = 16
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (our mode, peer variant, label)
+PAIRS = [("full", "trl", "full fine-tune"), ("lora", "trl+peft", "LoRA"),
+         ("lora+ckpt+offload", "trl+peft+ckpt", "LoRA + checkpointing (+ our optimizer offload)")]
+ENV = {"OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_hwm() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _trl_worker(variant: str, preset: str) -> dict:
+    import gc
+    import warnings
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from deepeyesv2.model import PRESETS, TINY_PROCESSOR_DIR
+
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(str(TINY_PROCESSOR_DIR))
+    text = dict(PRESETS[preset]["text"])
+    text.pop("mrope_section")
+    tmp = tempfile.mkdtemp(prefix="bench_memory_")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=None, **text)).save_pretrained(tmp)
+    words = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:400]
+    prompts = [" ".join(words[(7 * i + j) % len(words)] for j in range(PROMPT_TOKENS)) for i in range(PROMPTS)]
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    peaks: list[int] = []
+
+    class Peak(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            peaks.append(_rss_kib("VmHWM"))
+
+    args = GRPOConfig(output_dir=tmp, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, save_strategy="no",
+                      max_completion_length=COMPLETION, num_generations=GROUP, per_device_train_batch_size=PROMPTS * GROUP,
+                      max_steps=2, seed=0, beta=0.0, optim="adamw_torch", learning_rate=1e-4, logging_steps=1,
+                      gradient_checkpointing=variant.endswith("ckpt"),
+                      generation_kwargs={"min_new_tokens": COMPLETION}, model_init_kwargs={"dtype": torch.float32})
+    peft_config = LoraConfig(r=LORA_RANK, lora_alpha=32, target_modules=TARGETS) if "peft" in variant else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(model=tmp, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                              args=args, train_dataset=Dataset.from_dict({"prompt": prompts * 8}),
+                              processing_class=tok, callbacks=[Peak()], peft_config=peft_config)
+        real_compute_loss = trainer.compute_loss
+
+        def compute_loss(*a, **kw):
+            _reset_hwm()  # generation is done: measure the training part only
+            return real_compute_loss(*a, **kw)
+
+        trainer.compute_loss = compute_loss
+        trainer.train()
+    return {"peak_growth_bytes": (max(peaks) - base) * 1024, "threads": torch.get_num_threads(),
+            "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+
+
+def _ours_worker(mode: str, preset: str) -> dict:
+    from deepeyesv2.memory_probe import measure_step
+
+    out = measure_step(preset, mode, tokens=GROUP * (PROMPT_TOKENS + COMPLETION), rows=PROMPTS, steps=2,
+                       seqs=GROUP, lora_rank=LORA_RANK)
+    return out
+
+
+def _run(kind: str, variant: str, preset: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.memory", "--worker", kind, "--variant", variant, "--preset", preset]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=3600, env=dict(os.environ, **ENV))
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout)[-800:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt_b(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
+
+
+def rows(quick: bool = False, verbose: bool = True) -> list[dict]:
+    preset = "tiny" if quick else "small"
+    device = (f"CPU x2 threads, fp32, {preset} text sizes, {PROMPTS}x{GROUP} sequences of {PROMPT_TOKENS}+{COMPLETION} "
+              f"tokens, LoRA r={LORA_RANK}; peer = TRL GRPOTrainer on Qwen2ForCausalLM of the same sizes")
+    out = []
+    for mode, peer_variant, label in PAIRS:
+        ours = _run("ours", mode, preset)
+        peer = _run("trl", peer_variant, preset)
+        if verbose:
+            print(f"  {mode:18s} ours {ours}\n  {peer_variant:18s} peer {peer}", file=sys.stderr, flush=True)
+        if "error" in ours or "error" in peer:
+            out.append(dict(benchmark=f"RL step peak RSS growth, {label}", ours=ours.get("error", "ok")[-200:],
+                            peer=peer.get("error", "ok")[-200:], ratio=float("nan"), device=device))
+            continue
+        o, p = ours["peak_growth_bytes"], peer["peak_growth_bytes"]
+        out.append(dict(benchmark=f"RL step peak RSS growth, {label} (ours {mode} vs {peer_variant})",
+                        ours=_fmt_b(o), peer=_fmt_b(p), ratio=o / max(p, 1), device=device))
+    return out
+
+
+def markdown_table(table_rows: list[dict]) -> str:
+    lines = ["| benchmark | ours | peer | ratio | device |", "|---|---|---|---|---|"]
+    for r in table_rows:
+        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {r['ratio']:.3f} | {r['device']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a minute or two)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--preset", default="small", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        fn = _trl_worker if args.worker == "trl" else _ours_worker
+        print(json.dumps(fn(args.variant, args.preset)))
+        return
+    print(markdown_table(rows(args.quick)))
+
+
+if __name__ == "__main__":
+    main()

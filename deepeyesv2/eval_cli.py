@@ -1,0 +1,239 @@
+"""`deepeyesv2 eval`: run a checkpoint through the multi-turn tool rollout on a JSONL benchmark and score it.
+
+    deepeyesv2 eval --model PATH_OR_PRESET --data FILE.jsonl [--samples N] [--temperature T] [--out DIR]
+                    [--judge module:function] [--max-turns 9] [--max-new-tokens 256] [--limit N]
+
+The data is RealX-Bench-shaped JSONL (`deepeyesv2.data.load_prompts`): id, question, images, answer, category
+(perception | search | reasoning | integration, or any other label), answer_type (auto | exact | numeric |
+choice | judge). Episodes run exactly as in RL (same engine, tools, sandbox and limits), greedy by default.
+Correctness is the `accuracy` component of the RL reward (`deepeyesv2.rewards.match_answer`: one matcher for
+training and evaluation); `--judge module:function` plugs in judge(question, pred, gold) -> [0, 1] for
+free-form answers. Printed and written to DIR: accuracy, reward, format, tool-call rate, tool success rate,
+mean turns and the share of each tool among the calls, overall and per category (eval_table.md), plus every
+episode's prediction (eval_results.json). `python -m deepeyesv2.realx_sample` writes a 16-item synthetic sample
+(shipped at deepeyesv2/assets/realx_sample/realx_sample.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from deepeyesv2_rollout.types import SamplingParams, Trajectory
+
+from .data import DataError, PromptRecord, load_prompts
+from .evaluate import summarize
+from .rewards import RewardResult, get_reward_fn, reward_input_from_trajectory, score
+
+TABLE_COLUMNS = ("accuracy", "reward", "format", "tool_call_rate", "tool_success_rate", "mean_turns")
+
+
+@dataclass
+class EvalSettings:
+    model: str = "tiny"
+    data: str = ""
+    samples: int = 1
+    temperature: float = 0.0  # 0 = greedy
+    out: str = "runs/eval"
+    judge: str | None = None  # "module:function"
+    reward: str = "deepeyesv2"
+    max_turns: int = 9
+    max_new_tokens: int = 256
+    max_total_tokens: int = 8192
+    limit: int | None = None  # first N prompts only
+    seed: int = 1234
+    image_root: str | None = None
+    corpus: str | None = None  # search corpus JSONL (default: the shipped one)
+    sandbox_workers: int = 2
+    code_timeout_s: float = 20.0
+    dtype: str = "float32"
+    progress: bool = True
+
+
+def load_callable(spec: str, what: str = "judge") -> Callable:
+    """`package.module:function` -> the function; ValueError naming the spec otherwise."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"--{what} must look like 'package.module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--{what} {spec!r}: cannot import {attr!r} from {module!r} ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"--{what} {spec!r} is not callable")
+    return fn
+
+
+def resolve_model_path(model: str) -> str:
+    """A preset name, a checkpoint directory (config.json), or a training run directory (its latest checkpoint)."""
+    from .checkpoint import latest_checkpoint
+    from .model import PRESETS
+
+    if model in PRESETS:
+        return model
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return str(path)
+    if path.is_dir() and (ckpt := latest_checkpoint(path)) is not None:
+        return str(ckpt)
+    raise ValueError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory with a "
+                     "config.json, nor a run directory with checkpoints")
+
+
+# ------------------------------------------------------------------------------------------- scoring
+def item_record(t: Trajectory, r: RewardResult) -> dict:
+    meta = t.metadata or {}
+    return {"id": t.prompt_id, "sample": t.sample_index, "category": meta.get("category") or "unknown",
+            "question": meta.get("question"), "gold": meta.get("answer"), "prediction": t.answer,
+            "accuracy": r.components.get("accuracy", 0.0), "reward": r.total,
+            "format": r.components.get("format", 0.0), "tools": [c.name for c in t.tool_calls],
+            "tool_status": [c.status for c in t.tool_calls], "turns": t.num_turns, "stop_reason": t.stop_reason}
+
+
+def aggregate(trajs: list[Trajectory], results: list[RewardResult]) -> dict:
+    """{"overall": summary, "by_category": {category: summary}, "items": [...]}; summaries are
+    `deepeyesv2.evaluate.summarize` (the training-time evaluation's) plus the number of distinct prompts."""
+    if len(trajs) != len(results):
+        raise ValueError(f"{len(trajs)} trajectories but {len(results)} reward results")
+
+    def summary(idx: list[int]) -> dict:
+        s = summarize([trajs[i] for i in idx], [results[i] for i in idx])
+        s["prompts"] = len({trajs[i].prompt_id for i in idx})
+        return s
+
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, t in enumerate(trajs):
+        by_cat[(t.metadata or {}).get("category") or "unknown"].append(i)
+    return {"overall": summary(list(range(len(trajs)))),
+            "by_category": {c: summary(idx) for c, idx in sorted(by_cat.items())},
+            "items": [item_record(t, r) for t, r in zip(trajs, results)]}
+
+
+def run_eval(rollouts, processor, prompts: list[PromptRecord], reward_fn, samples: int = 1,
+             temperature: float = 0.0, seed: int = 1234) -> dict:
+    """`samples` episodes per prompt through `rollouts` (a deepeyesv2.rollouts.Rollouts) at `temperature`
+    (0 = greedy), scored by `reward_fn`; returns `aggregate(...)`."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    sampling = SamplingParams(**{**rollouts.sampling.__dict__, "temperature": temperature})
+    saved = rollouts.seed
+    rollouts.seed = seed
+    try:
+        trajs = rollouts.run(prompts, samples, sampling)
+    finally:
+        rollouts.seed = saved
+    return aggregate(trajs, [score(reward_input_from_trajectory(t, processor), reward_fn) for t in trajs])
+
+
+def eval_table(result: dict) -> str:
+    """Markdown: one row overall, one per category; n = episodes (prompts x samples)."""
+    lines = ["| | n | " + " | ".join(TABLE_COLUMNS) + " | tools (share of calls) |",
+             "|---" * (len(TABLE_COLUMNS) + 3) + "|"]
+    rows = [("overall", result["overall"]), *result["by_category"].items()]
+    for name, s in rows:
+        tools = ", ".join(f"{k} {v:.0%}" for k, v in s["tools"].items()) or "-"
+        lines.append(f"| {name} | {s['episodes']} | " + " | ".join(f"{s[c]:.3f}" for c in TABLE_COLUMNS) + f" | {tools} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- building
+def build_rollouts(model, processor, s: EvalSettings):
+    """The RL rollout stack (deepeyesv2.rollouts.make_rollouts) with evaluation limits."""
+    from .config import Config
+    from .rollouts import make_rollouts
+
+    cfg = Config()
+    cfg.rollout.max_turns, cfg.rollout.max_new_tokens = s.max_turns, s.max_new_tokens
+    cfg.rollout.max_total_tokens, cfg.rollout.temperature = s.max_total_tokens, s.temperature
+    cfg.rollout.sandbox_workers, cfg.rollout.code_timeout_s = s.sandbox_workers, s.code_timeout_s
+    cfg.train.seed = s.seed
+    rollouts = make_rollouts(model, processor, cfg, progress=s.progress)
+    if s.corpus:
+        from deepeyesv2_rollout.tools.registry import default_registry
+
+        rollouts.registry = default_registry(corpus_path=s.corpus, pool=rollouts.pool)
+    return rollouts
+
+
+def evaluate_checkpoint(s: EvalSettings) -> dict:
+    """Load the model and data, run, write DIR/eval_results.json and DIR/eval_table.md; returns the result."""
+    from .model import ModelConfig, build_model
+
+    if not s.data:
+        raise ValueError("--data is required (a JSONL of prompts)")
+    if not Path(s.data).is_file():
+        raise ValueError(f"--data {s.data!r}: file not found")
+    judge = load_callable(s.judge) if s.judge else None
+    reward_fn = get_reward_fn(s.reward, judge=judge) if judge else get_reward_fn(s.reward)
+    prompts = load_prompts(s.data, image_root=s.image_root)
+    if s.limit is not None:
+        prompts = prompts[: s.limit]
+    model_path = resolve_model_path(s.model)
+    model, processor = build_model(ModelConfig(name_or_path=model_path, dtype=s.dtype))
+    model.eval()
+    rollouts = build_rollouts(model, processor, s)
+    t0 = time.perf_counter()
+    try:
+        result = run_eval(rollouts, processor, prompts, reward_fn, s.samples, s.temperature, s.seed)
+    finally:
+        rollouts.close()
+    result["settings"] = {**asdict(s), "model_path": model_path}
+    result["seconds"] = time.perf_counter() - t0
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = eval_table(result)
+    (out / "eval_results.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "eval_table.md").write_text(f"model: {model_path}, data: {s.data}, samples: {s.samples}, "
+                                       f"temperature: {s.temperature}\n\n{table}\n")
+    return result
+
+
+def parse_args(argv: list[str] | None) -> EvalSettings:
+    d = EvalSettings()
+    ap = argparse.ArgumentParser(prog="deepeyesv2 eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="preset name (tiny, small), checkpoint dir or run dir")
+    ap.add_argument("--data", required=True, help="JSONL: id, question, images, answer, category, answer_type")
+    ap.add_argument("--samples", type=int, default=d.samples, help="episodes per prompt")
+    ap.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default)")
+    ap.add_argument("--out", default=d.out, help="directory for eval_results.json and eval_table.md")
+    ap.add_argument("--judge", default=None, help="module:function judging free-form answers: (question, pred, gold) -> [0, 1]")
+    ap.add_argument("--reward", default=d.reward, help="reward whose accuracy/format components are reported")
+    ap.add_argument("--max-turns", type=int, default=d.max_turns)
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per policy turn")
+    ap.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens, help="per episode, prompt included")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--image-root", default=None, help="relative image paths resolve here (default: the JSONL's folder)")
+    ap.add_argument("--corpus", default=None, help="search corpus JSONL (default: the shipped corpus)")
+    ap.add_argument("--sandbox-workers", type=int, default=d.sandbox_workers)
+    ap.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    return EvalSettings(model=a.model, data=a.data, samples=a.samples, temperature=a.temperature, out=a.out,
+                        judge=a.judge, reward=a.reward, max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,
+                        max_total_tokens=a.max_total_tokens, limit=a.limit, seed=a.seed, image_root=a.image_root,
+                        corpus=a.corpus, sandbox_workers=a.sandbox_workers, dtype=a.dtype, progress=not a.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_args(argv)
+    try:
+        result = evaluate_checkpoint(s)
+    except (ValueError, FileNotFoundError, DataError) as e:  # bad arguments or data: one clear line, no trace
+        print(f"deepeyesv2 eval: {e}", file=sys.stderr)
+        return 2
+    print(eval_table(result))
+    o = result["overall"]
+    print(f"\n[eval] {o['prompts']} prompts x {s.samples} samples: accuracy {o['accuracy']:.3f}, "
+          f"tool-call rate {o['tool_call_rate']:.2f}, {result['seconds']:.0f} s; wrote {s.out}/eval_results.json, "
+          f"{s.out}/eval_table.md")
+    return 0
+

@@ -1,0 +1,108 @@
+"""LoRA on the language model (vision tower and lm_head frozen), via peft, for SFT and RL.
+
+`apply_lora` wraps the model in a `peft.PeftModel` whose adapters sit on the text model's projections only
+(the vision tower has `gate_proj`/`up_proj`/`down_proj` too, so targets are matched by a regex anchored at
+`language_model.layers.N`). The adapters are injected in place: `deepeyesv2.model.unwrap_model` gives the plain
+Qwen2.5-VL module tree with the adapters active, which is what the packed forward and the rollout engine use.
+
+The KL reference for free: the base model is the policy with its adapters switched off
+(`with model.disable_adapter():`), so no second copy of the weights is held (deepeyesv2.reference).
+
+`merge_and_save` writes a plain HF checkpoint (W + B A * alpha / r folded into W) that `build_model` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from .model import ModelConfig
+
+TEXT_LAYER_PREFIX = r"(?:.*\.)?language_model\.layers\.\d+\."
+_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_MLP = {"gate_proj", "up_proj", "down_proj"}
+
+
+def target_regex(targets: tuple[str, ...] | list[str]) -> str:
+    """peft `target_modules` regex matching `targets` inside the text model's decoder layers only."""
+    unknown = sorted(set(targets) - _ATTN - _MLP)
+    if not targets or unknown:
+        raise ValueError(f"model.lora_targets must be a non-empty subset of {sorted(_ATTN | _MLP)}, got {list(targets)}")
+    attn = [t for t in targets if t in _ATTN]
+    mlp = [t for t in targets if t in _MLP]
+    alts = ([rf"self_attn\.(?:{'|'.join(attn)})"] if attn else []) + ([rf"mlp\.(?:{'|'.join(mlp)})"] if mlp else [])
+    return TEXT_LAYER_PREFIX + f"(?:{'|'.join(alts)})"
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def apply_lora(model, cfg: ModelConfig):
+    """Wrap `model` (Qwen2_5_VLForConditionalGeneration) in a PeftModel with adapters of rank cfg.lora_rank.
+
+    Everything but the adapters is frozen (embeddings, lm_head, norms, vision tower), so the fused log-prob
+    kernels skip the [V, H] lm_head gradient. Adapters are created in the model's dtype on its device.
+    """
+    import peft
+
+    if cfg.lora_rank <= 0:
+        raise ValueError(f"model.lora_rank must be > 0 to apply LoRA, got {cfg.lora_rank}")
+    if is_lora(model):
+        raise ValueError("apply_lora: the model already has LoRA adapters")
+    lcfg = peft.LoraConfig(r=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha), lora_dropout=float(cfg.lora_dropout),
+                           target_modules=target_regex(tuple(cfg.lora_targets)), bias="none")
+    with warnings.catch_warnings():  # peft probes transformers' deprecated `is_gradient_checkpointing`
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.get_peft_model(model, lcfg)
+    dtype = next(model.parameters()).dtype
+    for name, p in wrapped.named_parameters():
+        if "lora_" in name and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return wrapped
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merged_model(model):
+    """A plain Qwen2.5-VL with the adapters folded into the weights (a deep copy: `model` keeps training)."""
+    if not is_lora(model):
+        raise ValueError("merged_model: the model has no LoRA adapters")
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def merge_and_save(model, processor, path: str | Path) -> Path:
+    """Write a plain HF checkpoint of the merged LoRA model (config, safetensors, tokenizer, image processor).
+
+    The directory loads with `build_model(ModelConfig(name_or_path=path))`. `model` itself is left unchanged.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    merged = merged_model(model)
+    merged.save_pretrained(str(path), safe_serialization=True)
+    if processor is not None:
+        processor.tokenizer.save_pretrained(str(path))
+        processor.image_processor.save_pretrained(str(path))
+    return path
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapters' weights only (peft's key naming), e.g. to save next to a base checkpoint."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if re.search(r"lora_", k)]
+    if unexpected:
+        raise ValueError(f"adapter state does not fit the model: unexpected {unexpected[:5]}")

@@ -1,0 +1,82 @@
+"""The trainer's handle on rollout/: engine + tools + sandbox pool + sampling limits, built from config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepeyesv2_rollout.engine import EmbeddedEngine
+from deepeyesv2_rollout.episode import EpisodeLimits, Prompt, run_episodes
+from deepeyesv2_rollout.tools.registry import default_registry
+from deepeyesv2_rollout.tools.sandbox import SandboxLimits, SandboxPool
+from deepeyesv2_rollout.types import SamplingParams, Trajectory
+
+from .config import Config
+from .data import PromptRecord
+
+
+def to_prompt(rec: PromptRecord) -> Prompt:
+    return Prompt(id=rec.id, question=rec.question, images=list(rec.images), answer=str(rec.answer),
+                  category=rec.category, metadata=rec.meta())
+
+
+@dataclass
+class Rollouts:
+    engine: Any
+    processor: Any
+    registry: Any
+    pool: SandboxPool | None
+    sampling: SamplingParams
+    limits: EpisodeLimits
+    progress: bool = True
+    seed: int = 0
+    required_tools: tuple[str, ...] = ("code", "search", "image_search")
+    _offset: int = field(default=0, repr=False)
+
+    def run(self, prompts: list[PromptRecord], group_size: int, sampling: SamplingParams | None = None) -> list[Trajectory]:
+        """G episodes per prompt. Group ids are unique across calls (refills never merge groups)."""
+        sp = sampling or self.sampling
+        sp = SamplingParams(**{**sp.__dict__, "seed": self.seed + self._offset})
+        trajs = run_episodes(self.engine, self.processor, self.registry, [to_prompt(p) for p in prompts], group_size,
+                             sp, self.limits, pool=self.pool, progress=self.progress,
+                             required_tools=self.required_tools, group_id_offset=self._offset)
+        self._offset += len(prompts)
+        return trajs
+
+    def start_step(self, seed: int) -> None:
+        """Sampling seeds and group ids of a training step derive from `seed` alone, so a resumed run
+        samples exactly what the uninterrupted one did."""
+        self.seed, self._offset = seed, 0
+
+    def engine_stats(self) -> dict:
+        return {f"engine_{k}": v for k, v in self.engine.stats().items()}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+def make_engine(model, processor, cfg: Config):
+    if cfg.rollout.engine == "embedded":
+        return EmbeddedEngine(model, processor, cache_tokens_budget=cfg.rollout.cache_tokens)
+    if cfg.rollout.engine == "sglang":
+        from deepeyesv2_rollout.sglang_engine import SGLangEngine
+
+        return SGLangEngine(model_path=cfg.model.name_or_path, processor=processor)
+    raise ValueError(f"rollout.engine must be 'embedded' or 'sglang', got {cfg.rollout.engine!r}")
+
+
+def make_rollouts(model, processor, cfg: Config, progress: bool | None = None) -> Rollouts:
+    pool = SandboxPool(size=cfg.rollout.sandbox_workers, limits=SandboxLimits(timeout_s=cfg.rollout.code_timeout_s))
+    return Rollouts(
+        engine=make_engine(model, processor, cfg),
+        processor=processor,
+        registry=default_registry(pool=pool),
+        pool=pool,
+        sampling=SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                max_new_tokens=cfg.rollout.max_new_tokens),
+        limits=EpisodeLimits(max_turns=cfg.rollout.max_turns, max_total_tokens=cfg.rollout.max_total_tokens,
+                             max_images=cfg.rollout.max_images),
+        progress=cfg.train.progress if progress is None else progress,
+        seed=cfg.train.seed,
+    )

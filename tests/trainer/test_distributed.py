@@ -1,0 +1,155 @@
+"""FSDP2 data parallelism on 2 CPU ranks (gloo), launched by torchrun like a real job: the same losses,
+gradient norms and final weights as a single-process run of the same steps (DDP-equivalent numerics,
+up to float summation order), and checkpoints that single-process and distributed runs resume alike."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deepeyesv2.checkpoint import LATEST_FILE, checkpoints_dir
+from deepeyesv2.config import Config
+from deepeyesv2.distributed import DataParallel, _fqn_to_index, _index_to_fqn, is_distributed
+from deepeyesv2.make_examples import write_examples
+from deepeyesv2.metrics import read_metrics
+from deepeyesv2.model import ModelConfig
+from deepeyesv2.sft import train_sft
+
+STEPS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sft_config(out: Path, train_path: Path, resume: bool = False) -> Config:
+    cfg = Config()
+    cfg.model = ModelConfig(name_or_path="tiny", seed=0)
+    cfg.data.train_path = str(train_path)
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 1
+    # 2 rows per step: one per rank. Rows hold 1-2 samples of different lengths, so ranks see different
+    # token counts and only the global normalisation makes the gradients agree.
+    cfg.train.out_dir, cfg.train.steps, cfg.train.epochs, cfg.train.save_every = str(out), STEPS, 10, 2
+    cfg.train.tokens_per_batch, cfg.train.rows_per_step = 700, 2
+    cfg.train.progress, cfg.train.resume = False, resume
+    return cfg
+
+
+def cli_overrides(cfg: Config) -> list[str]:
+    return ["--model.name_or_path", "tiny", "--data.train_path", cfg.data.train_path,
+            "--optim.lr", str(cfg.optim.lr), "--optim.warmup_steps", str(cfg.optim.warmup_steps),
+            "--train.out_dir", cfg.train.out_dir, "--train.steps", str(cfg.train.steps),
+            "--train.epochs", str(cfg.train.epochs), "--train.save_every", str(cfg.train.save_every),
+            "--train.tokens_per_batch", str(cfg.train.tokens_per_batch),
+            "--train.rows_per_step", str(cfg.train.rows_per_step), "--train.progress", "false",
+            "--train.resume", "true" if cfg.train.resume else "false"]
+
+
+def torchrun_sft(cfg: Config, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", "deepeyesv2", "sft", *cli_overrides(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def point_latest_at(out: Path, step: int) -> None:
+    """Simulate a run that died after the checkpoint at `step`: later checkpoints never happened."""
+    root = checkpoints_dir(out)
+    for d in root.glob("step_*"):
+        if int(d.name.split("_")[1]) > step:
+            shutil.rmtree(d)
+    (root / LATEST_FILE).write_text(f"step_{step:06d}\n")
+
+
+def assert_close_curves(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b):
+        assert ra["trained_tokens"] == rb["trained_tokens"] and ra["tokens"] == rb["tokens"], f"step {ra['step']}: data differs"
+        assert ra["lr"] == rb["lr"], f"step {ra['step']}: lr"
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), f"step {ra['step']}: loss {ra['loss']} vs {rb['loss']}"
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4), f"step {ra['step']}: grad_norm"
+
+
+def assert_close_weights(a: Path, b: Path, atol: float = 1e-4) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    moved = 0
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"weight {k}: {m}")
+    init = load_file(a.parent / "step_000002" / "model.safetensors") if (a.parent / "step_000002").exists() else None
+    if init is not None:
+        moved = sum(not torch.equal(init[k], wa[k]) for k in wa)
+        assert moved > 0, "weights did not change between checkpoints: the comparison would be vacuous"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A single-process reference run and a 2-rank FSDP2 run of the same STEPS steps."""
+    tmp = tmp_path_factory.mktemp("dist")
+    data = write_examples(tmp / "data", n_sft=8, n_rl=1, seed=5)
+    train_sft(sft_config(tmp / "single", data["sft"]))
+    torchrun_sft(sft_config(tmp / "fsdp", data["sft"]))
+    return {"single": tmp / "single", "fsdp": tmp / "fsdp", "data": data["sft"]}
+
+
+def test_fsdp2_two_ranks_match_single_process(runs):
+    single, fsdp = runs["single"], runs["fsdp"]
+    assert_close_curves(read_metrics(fsdp / "metrics.jsonl"), read_metrics(single / "metrics.jsonl"))
+    last = f"step_{STEPS:06d}"
+    assert_close_weights(checkpoints_dir(fsdp) / last, checkpoints_dir(single) / last)
+    # the distributed checkpoint is a normal HF directory with the single-process optimizer layout
+    st_f = torch.load(checkpoints_dir(fsdp) / last / "trainer_state.pt", weights_only=True)
+    st_s = torch.load(checkpoints_dir(single) / last / "trainer_state.pt", weights_only=True)
+    assert st_f["optimizer"]["param_groups"][0]["params"] == st_s["optimizer"]["param_groups"][0]["params"]
+    for i, s in st_s["optimizer"]["state"].items():
+        torch.testing.assert_close(st_f["optimizer"]["state"][i]["exp_avg_sq"], s["exp_avg_sq"], atol=1e-9, rtol=1e-3)
+    assert st_f["data_state"] == st_s["data_state"] and st_f["scheduler"] == st_s["scheduler"]
+
+
+def test_single_process_resumes_a_distributed_checkpoint(runs, tmp_path):
+    """Kill the FSDP2 run after its step-2 checkpoint; a single process resumes it and ends where the
+    uninterrupted runs did."""
+    out = tmp_path / "resumed"
+    shutil.copytree(runs["fsdp"], out)
+    point_latest_at(out, 2)
+    train_sft(sft_config(out, runs["data"], resume=True))
+    assert_close_curves(read_metrics(out / "metrics.jsonl"), read_metrics(runs["single"] / "metrics.jsonl"))
+    last = f"step_{STEPS:06d}"
+    assert_close_weights(checkpoints_dir(out) / last, checkpoints_dir(runs["single"]) / last)
+
+
+@pytest.mark.slow  # a second torchrun launch (~20 s)
+def test_fsdp2_resumes_a_single_process_checkpoint(runs, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(runs["single"], out)
+    point_latest_at(out, 2)
+    torchrun_sft(sft_config(out, runs["data"], resume=True))
+    assert_close_curves(read_metrics(out / "metrics.jsonl"), read_metrics(runs["single"] / "metrics.jsonl"))
+    last = f"step_{STEPS:06d}"
+    assert_close_weights(checkpoints_dir(out) / last, checkpoints_dir(runs["single"]) / last)
+
+
+def test_optimizer_layout_round_trip():
+    sd = {"state": {"b.w": {"step": 1}, "a.w": {"step": 2}}, "param_groups": [{"lr": 0.1, "params": ["a.w", "b.w"]}]}
+    fqns = ["a.w", "b.w"]
+    idx = _fqn_to_index(sd, fqns)
+    assert idx == {"state": {1: {"step": 1}, 0: {"step": 2}}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    assert _index_to_fqn(idx, fqns) == sd
+
+
+def test_not_distributed_without_torchrun(tmp_path):
+    assert not is_distributed()
+    with pytest.raises(RuntimeError, match="process group"):
+        DataParallel.shard(torch.nn.Linear(2, 2))
