@@ -41,12 +41,13 @@ class DemoSettings:
     train_prompts: int = 512
     eval_prompts: int = 32
     eval_samples: int = 4
-    sft_tool_fraction: float = 0.35  # share of cold-start trajectories that use the code tool
-    sft_steps: int = 150
+    sft_tool_fraction: float = 1.0  # share of cold-start trajectories that use the code tool
+    sft_answer_noise: float = 0.25  # share of the expert's final answers that are off by one (a noisy corpus)
+    sft_steps: int = 800  # copying the printed count into the answer is learned after ~500-600 steps
     sft_rows_per_step: int = 2
     sft_lr: float = 3e-3
     rl_steps: int = 30
-    rl_lr: float = 5e-4
+    rl_lr: float = 2e-4
     prompts_per_step: int = 8
     group_size: int = 8
     seed: int = 0
@@ -54,25 +55,27 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         return cls(out_dir="runs/demo-quick", train_prompts=192, eval_prompts=16, eval_samples=4,
-                   sft_steps=200, rl_steps=8, prompts_per_step=4, group_size=8)
+                   sft_steps=120, rl_steps=4, prompts_per_step=4, group_size=8)
 
 
 class ExpertEngine:
     """The scripted cold-start policy as an Engine: it reads each context and writes the expert's turn
     (log-probs are not needed for SFT data, so no model runs)."""
 
-    def __init__(self, processor, tool_fraction: float, seed: int):
-        self.processor, self.tool_fraction, self.rng = processor, tool_fraction, random.Random(seed)
-        self._plan: dict[tuple, tuple[bool, int]] = {}
+    def __init__(self, processor, tool_fraction: float, answer_noise: float, seed: int):
+        self.processor, self.tool_fraction, self.answer_noise = processor, tool_fraction, answer_noise
+        self.rng = random.Random(seed)
+        self._plan: dict[tuple, tuple[bool, int, int]] = {}
 
     def generate(self, requests: list[GenerateRequest], sampling: SamplingParams) -> list[GenerateResult]:
         out = []
         for r in requests:
             key = (r.tag.prompt_id, r.tag.sample_index)
             if key not in self._plan:
-                self._plan[key] = (self.rng.random() < self.tool_fraction, self.rng.randint(1, 9))
-            use_tool, guess = self._plan[key]
-            text = expert_turn(self.processor.decode(r.token_ids[-400:]), use_tool, guess)
+                noise = self.rng.choice((-1, 1)) if self.rng.random() < self.answer_noise else 0
+                self._plan[key] = (self.rng.random() < self.tool_fraction, self.rng.randint(1, 9), noise)
+            use_tool, guess, noise = self._plan[key]
+            text = expert_turn(self.processor.decode(r.token_ids[-400:]), use_tool, guess, noise)
             ids = self.processor.encode(text)
             out.append(GenerateResult(ids, [0.0] * len(ids), "stop", matched_stop=None))
         return out
@@ -106,13 +109,15 @@ def demo_config(s: DemoSettings, stage: str) -> Config:
     return cfg
 
 
-def cold_start_samples(rollouts, prompts, s: DemoSettings) -> list[Sample]:
-    """Trajectories of the scripted policy through the real environment -> SFT samples (policy tokens
-    trained, tool outputs and images masked)."""
-    expert_rollouts = type(rollouts)(**{**rollouts.__dict__, "engine": ExpertEngine(rollouts.processor, s.sft_tool_fraction, s.seed)})
-    trajs = expert_rollouts.run(prompts, 1)
-    return [Sample(torch.tensor(t.token_ids), torch.tensor(t.loss_mask), t.pixel_values, t.image_grid_thw,
-                   name=f"{t.prompt_id}") for t in trajs]
+def cold_start_samples(rollouts, prompts, s: DemoSettings, chunk: int = 64) -> tuple[list[Sample], int]:
+    """Trajectories of the scripted policy through the real environment -> (SFT samples with policy tokens
+    trained and tool outputs / images masked, number of trajectories that called a tool)."""
+    expert = type(rollouts)(**{**rollouts.__dict__,
+                               "engine": ExpertEngine(rollouts.processor, s.sft_tool_fraction, s.sft_answer_noise, s.seed)})
+    trajs = [t for i in range(0, len(prompts), chunk) for t in expert.run(prompts[i : i + chunk], 1)]
+    samples = [Sample(torch.tensor(t.token_ids), torch.tensor(t.loss_mask), t.pixel_values, t.image_grid_thw,
+                      name=t.prompt_id) for t in trajs]
+    return samples, sum(1 for t in trajs if t.tool_calls)
 
 
 def run_demo(s: DemoSettings, progress: bool = True) -> dict:
@@ -143,9 +148,9 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
 
         ev("before SFT")
         t0 = time.perf_counter()
-        samples = cold_start_samples(rollouts, train, s)
-        n_tool = sum(1 for x in samples if len(x) > 200)
-        print(f"[demo] cold-start data: {len(samples)} trajectories through the real sandbox", flush=True)
+        samples, n_tool = cold_start_samples(rollouts, train, s)
+        print(f"[demo] cold-start data: {len(samples)} trajectories through the real sandbox, {n_tool} with code",
+              flush=True)
         train_sft(demo_config(s, "sft"), samples=samples, model=model, processor=proc, progress=progress)
         timings["sft"] = time.perf_counter() - t0
         ev("after SFT")

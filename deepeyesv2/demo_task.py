@@ -16,28 +16,27 @@ from PIL import Image
 
 from .data import PromptRecord
 
-SQUARE = 6  # px; the counting program divides the red pixel count by SQUARE**2
-QUESTION = "How many red squares are in the image?"
-# Red pixels are the only ones whose red channel is over twice their blue channel (background is
-# grey, distractors blue); kept short so a tiny model can learn to write it.
+QUESTION = "How many red dots are in the image?"
+# Every dot is a single pixel: invisible at the vision tower's 28-pixel merged patches, exact for code.
+# Red pixels are the only ones whose red channel is over twice their blue channel (background grey,
+# distractors blue). The program has no digit literals: digits elsewhere in the context would compete
+# with the printed count that the answer must copy.
 COUNT_CODE = (
     "import numpy as np\n"
-    "a = np.array(image_1).astype(int)\n"
-    f"print((a[:, :, 0] > 2 * a[:, :, 2]).sum() // {SQUARE * SQUARE})"
+    "r, g, b = [np.array(c).astype(int) for c in image_1.split()]\n"
+    "print((r > b + b).sum())"
 )
-TOOL_TURN = "<think>I will count them with code.</think><code>\n```python\n" + COUNT_CODE + "\n```\n</code>"
+TOOL_TURN = "<think>The dots are tiny. I will count them with code.</think><code>\n```python\n" + COUNT_CODE + "\n```\n</code>"
 ANSWER_TURN = "<think>Done.</think><answer>{n}</answer>"
 GUESS_TURN = "<think>I can see them.</think><answer>{n}</answer>"
 
 
 def count_image(n_red: int, n_blue: int, rng: random.Random, size: int = 112) -> Image.Image:
-    """size x size light background with n_red red and n_blue blue non-overlapping SQUARE px squares."""
+    """size x size grey image with n_red red and n_blue blue single-pixel dots at distinct places."""
     a = np.full((size, size, 3), 235, dtype=np.uint8)
-    cells = [(r, c) for r in range(size // (SQUARE * 2)) for c in range(size // (SQUARE * 2))]
-    picks = rng.sample(cells, n_red + n_blue)
-    for k, (r, c) in enumerate(picks):
-        y, x = r * SQUARE * 2 + rng.randint(0, SQUARE - 1), c * SQUARE * 2 + rng.randint(0, SQUARE - 1)
-        a[y : y + SQUARE, x : x + SQUARE] = (220, 30, 30) if k < n_red else (30, 60, 220)
+    cells = rng.sample(range(size * size), n_red + n_blue)
+    for k, cell in enumerate(cells):
+        a[cell // size, cell % size] = (220, 30, 30) if k < n_red else (30, 60, 220)
     return Image.fromarray(a)
 
 
@@ -55,9 +54,14 @@ def count_prompts(n: int, seed: int, prefix: str = "count") -> list[PromptRecord
 _STDOUT = re.compile(r"stdout:\n(.*?)\n", re.DOTALL)
 
 
-def expert_turn(context_text: str, use_tool: bool, guess: int) -> str:
-    """The scripted cold-start policy: code first (if use_tool), then copy the printed count."""
+def expert_turn(context_text: str, use_tool: bool, guess: int, noise: int = 0) -> str:
+    """The scripted cold-start policy: code first (if use_tool), then copy the printed count -- off by
+    `noise` (a noisy expert; RL on the verifiable reward is what removes it)."""
     if "Code execution result" in context_text:
         m = _STDOUT.findall(context_text)
-        return ANSWER_TURN.format(n=(m[-1].strip() if m else "0"))
+        try:
+            n = int(m[-1].strip()) + noise
+        except (IndexError, ValueError):
+            return ANSWER_TURN.format(n=0)
+        return ANSWER_TURN.format(n=min(9, max(1, n)) if noise else n)
     return TOOL_TURN if use_tool else GUESS_TURN.format(n=guess)

@@ -69,7 +69,7 @@ def _tiny_config(preset: dict, processor: ChatProcessor):
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tok), max_position_embeddings=32768, tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
+            rope_parameters={"rope_type": "default", "rope_theta": preset.get("rope_theta", 1_000_000.0), "mrope_section": section},
             bos_token_id=None, eos_token_id=processor.im_end_id, pad_token_id=processor.pad_id, **text,
         ),
         vision_config=dict(

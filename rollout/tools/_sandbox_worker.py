@@ -384,6 +384,21 @@ def net_interfaces() -> list:
 
 def main() -> None:
     fd_in, fd_out = int(sys.argv[1]), int(sys.argv[2])
+    # Move the protocol channel to fixed low descriptors (3, 4): its numbers then do not depend on how
+    # many files the trainer happened to have open, and a cell that scribbles on descriptors is caught
+    # by the frame checks in the trainer the same way every time.
+    for want, fd in ((3, fd_in), (4, fd_out)):
+        if fd != want:
+            if want in (fd_in, fd_out):  # the other end sits on the slot we want: move it out of the way first
+                other = os.dup(want)
+                fd_in, fd_out = (other if fd_in == want else fd_in), (other if fd_out == want else fd_out)
+                fd = fd_in if want == 3 else fd_out
+            os.dup2(fd, want)
+            os.close(fd)
+            if want == 3:
+                fd_in = 3
+            else:
+                fd_out = 4
     cfg = recv(fd_in)
     notes = []
     try:
