@@ -26,6 +26,8 @@ import torch
 
 from .data import DataState
 
+ADAPTER_FILE = "lora_adapter.pt"
+
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -84,7 +86,16 @@ def save_checkpoint(
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp_step_{step:06d}_", dir=root))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        from .lora import adapter_state, is_lora, merged_model
+
+        if is_lora(model):
+            # A LoRA run writes the merged model (the directory stays a plain HF checkpoint that
+            # build_model loads, e.g. to start RL from an SFT-with-LoRA run) and the adapters, which
+            # are what a resume restores: the frozen base is rebuilt from the run's config.
+            merged_model(model).save_pretrained(str(tmp), safe_serialization=True)
+            torch.save(adapter_state(model), tmp / ADAPTER_FILE)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         if processor is not None:
             processor.tokenizer.save_pretrained(str(tmp))
             processor.image_processor.save_pretrained(str(tmp))
@@ -180,7 +191,15 @@ def load_checkpoint(
     except Exception as e:
         raise CheckpointError(f"{ckpt / STATE_FILE}: cannot read trainer state ({type(e).__name__}: {e})") from None
     if model is not None:
-        load_model_weights(model, ckpt)
+        from .lora import is_lora, load_adapter_state
+
+        if is_lora(model):
+            if not (ckpt / ADAPTER_FILE).exists():
+                raise CheckpointError(f"{ckpt}: the model has LoRA adapters but the checkpoint holds none "
+                                      f"(saved from a full fine-tune?)")
+            load_adapter_state(model, torch.load(ckpt / ADAPTER_FILE, map_location="cpu", weights_only=True))
+        else:
+            load_model_weights(model, ckpt)
     if optimizer is not None:
         if state["optimizer"] is None:
             raise CheckpointError(f"{ckpt}: saved without optimizer state")
