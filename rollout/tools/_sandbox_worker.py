@@ -118,8 +118,19 @@ def setup_mounts(cfg: dict) -> list:
                      if p and os.path.isdir(p) and hidden_ancestor(p)})
     # Keep the outermost needed dirs only (binding a parent brings its children).
     needed = [p for p in needed if not any(p != q and p.startswith(q + "/") for q in needed)]
+    # The interpreter may itself live under the directory the private tmpfs covers (a venv in a clone
+    # under /tmp, as CI makes): hold those directories by O_PATH descriptors now, rebind them after.
+    covered = sorted({os.path.abspath(p) for p in [sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path]
+                      if p and os.path.isdir(p) and os.path.abspath(p).startswith(WORKDIR + "/")})
+    covered = [p for p in covered if not any(p != q and p.startswith(q + "/") for q in covered)]
+    held = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in covered]
     tmp_opts = f"size={cfg['tmpfs_mb']}m,mode=0700,uid={cfg['uid']},gid={cfg['gid']}"
     mount("tmpfs", WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
+    for p, fd in held:
+        os.makedirs(p, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+        mount(None, p, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(fd)
     stages = []
     for i, p in enumerate(needed):
         stage = f"{WORKDIR}/.stage{i}"
@@ -425,6 +436,8 @@ def main() -> None:
         kernel = Kernel(cfg)
         if cfg["drop_uid"]:
             for dirpath, dirnames, filenames in os.walk(workdir):
+                # read-only binds of the interpreter's own directories (see setup_mounts) stay root's
+                dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
                 for n in dirnames + filenames:
                     os.lchown(os.path.join(dirpath, n), cfg["uid"], cfg["gid"])
         # Writing past RLIMIT_FSIZE should raise OSError(EFBIG) in user code, not kill the kernel.
