@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+from bench._common import (fmt_bytes, fmt_seconds, render_table, rss_baseline_kib, rss_kib, run_worker,
+                           skip_unless_benchmarking)
 
 VARIANTS = ("ours", "trl", "trl-liger")
 
@@ -49,27 +51,6 @@ class Setup:
 FULL = Setup(prompts=4, group=8, completion=64, steps=4)
 QUICK = Setup(prompts=2, group=4, completion=32, steps=3)
 MICRO = Setup(prompts=1, group=2, completion=8, steps=1)  # pytest-benchmark
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> int:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); returns the current RSS in KiB."""
-    import gc
-
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _rss_kib("VmRSS")
 
 
 def text_reward(text: str) -> float:
@@ -246,14 +227,14 @@ def _summary(steps: list[dict], base_kib: int) -> dict:
     return {**med, "train_seconds": train_s, "min_seconds": min(s["seconds"] for s in timed),
             "generated_tok_s": statistics.median(s["generated_tokens"] / s["gen_seconds"] for s in timed),
             "trained_tok_s": statistics.median(s["generated_tokens"] / (s["seconds"] - s["gen_seconds"]) for s in timed),
-            "peak_rss_growth_bytes": (_rss_kib("VmHWM") - base_kib) * 1024, "peak_rss_bytes": _rss_kib("VmHWM") * 1024,
+            "peak_rss_growth_bytes": (rss_kib("VmHWM") - base_kib) * 1024, "peak_rss_bytes": rss_kib("VmHWM") * 1024,
             "threads": torch.get_num_threads(), "steps_timed": len(timed)}
 
 
 def _worker(variant: str, setup: Setup) -> dict:
     if variant == "ours":
         step, close = _ours_trainer(setup)
-        base = _reset_peak_rss()
+        base = rss_baseline_kib()
         try:
             steps = [step(i) for i in range(1 + setup.steps)]
         finally:
@@ -261,21 +242,17 @@ def _worker(variant: str, setup: Setup) -> dict:
         return _summary(steps, base)
     if variant in ("trl", "trl-liger"):
         run_all = _trl_trainer(setup, liger=variant == "trl-liger")
-        base = _reset_peak_rss()
+        base = rss_baseline_kib()
         return _summary(run_all(), base)
     raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
 
 
 def _run_worker_subprocess(variant: str, setup: Setup, timeout: float = 1800) -> dict:
-    cmd = [sys.executable, "-m", "bench.e2e_grpo", "--worker", variant, "--setup", json.dumps(asdict(setup))]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=timeout)
+        return run_worker("bench.e2e_grpo", ["--worker", variant, "--setup", json.dumps(asdict(setup))],
+                          timeout=timeout, describe_error=_last_error_line)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        return {"error": _last_error_line(proc.stderr or proc.stdout)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _last_error_line(text: str) -> str:
@@ -284,21 +261,13 @@ def _last_error_line(text: str) -> str:
     return (errs[-1] if errs else (lines[-1] if lines else "no output"))[:300]
 
 
-def _fmt_s(x: float) -> str:
-    return f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
-
-
-def _fmt_b(x: float) -> str:
-    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
-
-
 METRICS = (  # key, label, formatter, better
-    ("seconds", "GRPO step time", _fmt_s, "lower"),
+    ("seconds", "GRPO step time", fmt_seconds, "lower"),
     # CPU seconds of the process (all threads): far less sensitive than wall time to other jobs on a shared machine
-    ("cpu_seconds", "GRPO step CPU time (all threads)", _fmt_s, "lower"),
+    ("cpu_seconds", "GRPO step CPU time (all threads)", fmt_seconds, "lower"),
     ("generated_tok_s", "GRPO generated tokens/s", lambda x: f"{x:.0f}", "higher"),
     ("trained_tok_s", "GRPO trained tokens/s (update phase)", lambda x: f"{x:.0f}", "higher"),
-    ("peak_rss_growth_bytes", "GRPO peak RSS growth", _fmt_b, "lower"),
+    ("peak_rss_growth_bytes", "GRPO peak RSS growth", fmt_bytes, "lower"),
 )
 
 
@@ -307,7 +276,7 @@ def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...
     """Run each variant in its own subprocess; rows ours vs trl and ours vs trl-liger (ratio = ours / peer)."""
     setup = QUICK if quick else FULL
     if steps is not None:
-        setup = Setup(**{**asdict(setup), "steps": steps})
+        setup = replace(setup, steps=steps)
     res = {}
     for v in variants:
         res[v] = _run_worker_subprocess(v, setup)
@@ -327,22 +296,19 @@ def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...
                             peer="n/a" if "error" in peer else "ok", ratio=None, device=device,
                             note=f"{'ours' if 'error' in ours else peer_name} failed: {why}", better="lower"))
             continue
+        time_note = (f"; prompt tokens ours {ours['prompt_tokens']:.0f} / TRL {peer['prompt_tokens']:.0f}"
+                     f"; fastest step ours {fmt_seconds(ours['min_seconds'])} / TRL {fmt_seconds(peer['min_seconds'])}")
         for key, name, fmt, better in METRICS:
             out.append(dict(benchmark=f"{name} (ours vs {label})", ours=fmt(ours[key]), peer=fmt(peer[key]),
                             ratio=ours[key] / peer[key] if peer[key] else None, device=device,
-                            note=note + (f"; prompt tokens ours {ours['prompt_tokens']:.0f} / TRL {peer['prompt_tokens']:.0f}"
-                                         f"; fastest step ours {_fmt_s(ours['min_seconds'])} / TRL "
-                                         f"{_fmt_s(peer['min_seconds'])}" if key == "seconds" else ""), better=better))
+                            note=note + (time_note if key == "seconds" else ""), better=better))
     return out
 
 
 # ------------------------------------------------------------------------------------ pytest-benchmark
 def test_bench_e2e_grpo_step_ours(benchmark):
     """One of our GRPO steps on the MICRO setup (run with `pytest bench/ --benchmark-only`)."""
-    import pytest
-
-    if getattr(benchmark, "disabled", True):
-        pytest.skip("benchmarks run only with --benchmark-enable / --benchmark-only")
+    skip_unless_benchmarking(benchmark)
     step, close = _ours_trainer(MICRO)
     counter = iter(range(10**6))
     try:
@@ -354,11 +320,10 @@ def test_bench_e2e_grpo_step_ours(benchmark):
 
 # ------------------------------------------------------------------------------------------------- CLI
 def markdown_table(table_rows: list[dict]) -> str:
-    lines = ["| benchmark | ours | peer | ours/peer | better | note |", "|---|---|---|---|---|---|"]
-    for r in table_rows:
-        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {ratio} | {r['better']} | {r['note']} |")
-    return "\n".join(lines)
+    """| benchmark | ours | peer | ours/peer | better | note |; a ratio of None shows as n/a."""
+    return render_table(table_rows, [("benchmark", "benchmark"), ("ours", "ours"), ("peer", "peer"),
+                                     ("ours/peer", lambda r: "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"),
+                                     ("better", "better"), ("note", "note")])
 
 
 def main(argv: list[str] | None = None) -> None:

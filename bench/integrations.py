@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+from bench._common import bytes_row, failed_row, rss_baseline_kib, rss_kib, run_worker, seconds_row
+from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 VARIANTS = ("trl", "ours")
 
@@ -43,14 +44,6 @@ FULL = Setup(vocab=151_936, hidden=256, completion=64, generations=4, prompts=8,
 QUICK = Setup(vocab=32_768, hidden=128, completion=32, generations=4, prompts=4, steps=3)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _word_tokenizer(vocab: int):
     """A word-level fast tokenizer with exactly `vocab` ids (words w0..wN plus the chat specials)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -67,7 +60,6 @@ def _word_tokenizer(vocab: int):
 
 def _worker(variant: str, setup: Setup) -> dict:
     """Runs in a fresh process: builds the model and trainer, trains `setup.steps` steps, reports time and RSS."""
-    import gc
     import warnings
 
     import torch
@@ -108,45 +100,22 @@ def _worker(variant: str, setup: Setup) -> dict:
             from deepeyesv2_kernels.integrations.trl import apply
 
             apply(trainer)
-        gc.collect()
-        try:  # reset the RSS high-water mark to the current RSS (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-        base = _rss_kib("VmRSS")
+        base = rss_baseline_kib()
         trainer.train()
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"step_seconds": statistics.median(step_times[1:] or step_times), "peak_growth_bytes": (peak - base) * 1024,
             "losses": losses, "threads": torch.get_num_threads()}
-
-
-def _run_worker_subprocess(variant: str, setup: Setup) -> dict:
-    cmd = [sys.executable, "-m", "bench.integrations", "--worker", variant, "--setup", json.dumps(asdict(setup))]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=3600)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout)[-500:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _fmt_s(x: float) -> str:
-    return f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
-
-
-def _fmt_b(x: float) -> str:
-    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
 
 
 def rows(quick: bool = False, steps: int | None = None, verbose: bool = True) -> list[dict]:
     """Run both variants (one subprocess each) and return rows ours vs TRL."""
     setup = QUICK if quick else FULL
     if steps is not None:
-        setup = Setup(**{**asdict(setup), "steps": steps})
+        setup = replace(setup, steps=steps)
     res = {}
     for variant in VARIANTS:
-        res[variant] = _run_worker_subprocess(variant, setup)
+        res[variant] = run_worker("bench.integrations", ["--worker", variant, "--setup", json.dumps(asdict(setup))])
         if verbose:
             print(f"  {variant:5s} {res[variant]}", file=sys.stderr, flush=True)
     ours, peer = res["ours"], res["trl"]
@@ -154,22 +123,12 @@ def rows(quick: bool = False, steps: int | None = None, verbose: bool = True) ->
     device = (f"CPU x{threads} threads, fp32, Qwen2 2L H={setup.hidden} V={setup.vocab}, "
               f"{setup.prompts}x{setup.generations} completions of <= {setup.completion} tokens")
     if "error" in ours or "error" in peer:
-        return [dict(benchmark="TRL GRPOTrainer step", ours=ours.get("error", "ok"), peer=peer.get("error", "ok"),
-                     ratio=float("nan"), device=device)]
+        return [failed_row("TRL GRPOTrainer step", ours, peer, device)]
     return [
-        dict(benchmark="TRL GRPOTrainer step time (ours vs trl)", ours=_fmt_s(ours["step_seconds"]),
-             peer=_fmt_s(peer["step_seconds"]), ratio=ours["step_seconds"] / peer["step_seconds"], device=device),
-        dict(benchmark="TRL GRPOTrainer peak RSS growth (ours vs trl)", ours=_fmt_b(ours["peak_growth_bytes"]),
-             peer=_fmt_b(peer["peak_growth_bytes"]),
-             ratio=ours["peak_growth_bytes"] / max(peer["peak_growth_bytes"], 1), device=device),
+        seconds_row("TRL GRPOTrainer step time (ours vs trl)", ours["step_seconds"], peer["step_seconds"], device),
+        bytes_row("TRL GRPOTrainer peak RSS growth (ours vs trl)", ours["peak_growth_bytes"],
+                  peer["peak_growth_bytes"], device),
     ]
-
-
-def markdown_table(table_rows: list[dict]) -> str:
-    lines = ["| benchmark | ours | peer | ratio | device |", "|---|---|---|---|---|"]
-    for r in table_rows:
-        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {r['ratio']:.3f} | {r['device']} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

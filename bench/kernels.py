@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
+
+from bench._common import (bytes_row, failed_row, naive_logprobs, naive_step, rss_baseline_kib, rss_kib, run_worker,
+                           seconds_row, skip_unless_benchmarking)
+from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 CPU_METHODS = ("naive", "liger-ce", "ours", "liger-grpo", "ours-grpo")
 
@@ -64,20 +66,11 @@ def _inputs(shape: Shape, dtype=torch.float32, device="cpu", peaky: bool = False
     return hidden.requires_grad_(), weight.requires_grad_(), targets, adv
 
 
-def _naive(hidden, weight, targets):
-    logits = (hidden @ weight.t()).float()
-    log_p = torch.log_softmax(logits, dim=-1)
-    logp = log_p.gather(-1, targets[:, None]).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    return logp, entropy
-
-
 def _make_cpu_step(method: str, shape: Shape, hidden, weight, targets, adv):
     """A closure running forward + backward once (grads accumulate into .grad, reset by the caller)."""
     if method == "naive":
         def step():
-            logp, ent = _naive(hidden, weight, targets)
-            (logp.sum() + 0.0 * ent.sum().detach()).backward()
+            naive_step(hidden, weight, targets)
     elif method == "liger-ce":
         from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
 
@@ -118,27 +111,11 @@ def _make_cpu_step(method: str, shape: Shape, hidden, weight, targets, adv):
     return step
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _cpu_worker(method: str, shape: Shape, reps: int) -> dict:
     """Runs in a fresh process: returns median seconds and peak extra bytes of one method."""
-    import gc
-
     hidden, weight, targets, adv = _inputs(shape)
     step = _make_cpu_step(method, shape, hidden, weight, targets, adv)
-    gc.collect()
-    try:  # reset the RSS high-water mark to the current RSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    base = _rss_kib("VmRSS")
+    base = rss_baseline_kib()
     times = []
     for i in range(reps + 1):
         hidden.grad = weight.grad = None
@@ -147,27 +124,9 @@ def _cpu_worker(method: str, shape: Shape, reps: int) -> dict:
         dt = time.perf_counter() - t0
         if i > 0:
             times.append(dt)
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     grads = (hidden.numel() + weight.numel()) * hidden.element_size()
     return {"seconds": statistics.median(times), "extra_bytes": max(0, (peak - base) * 1024 - grads)}
-
-
-def _run_worker_subprocess(method: str, shape: Shape, reps: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.kernels", "--worker", method, "--shape",
-           json.dumps(shape.__dict__), "--reps", str(reps)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=3600)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout)[-500:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _fmt_s(x: float) -> str:
-    return f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
-
-
-def _fmt_b(x: float) -> str:
-    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
 
 
 def cpu_rows(quick: bool = False, reps: int | None = None, verbose: bool = True) -> list[dict]:
@@ -176,7 +135,8 @@ def cpu_rows(quick: bool = False, reps: int | None = None, verbose: bool = True)
     reps = reps if reps is not None else (3 if quick else 2)
     res = {}
     for method in CPU_METHODS:
-        res[method] = _run_worker_subprocess(method, shape, reps)
+        res[method] = run_worker("bench.kernels", ["--worker", method, "--shape", json.dumps(shape.__dict__),
+                                                   "--reps", str(reps)])
         if verbose:
             print(f"  {method:11s} {res[method]}", file=sys.stderr, flush=True)
     device = f"CPU x{torch.get_num_threads()} threads, fp32, T={shape.T} H={shape.H} V={shape.V}"
@@ -186,22 +146,11 @@ def cpu_rows(quick: bool = False, reps: int | None = None, verbose: bool = True)
     for bench, ours, peer in pairs:
         a, b = res[ours], res[peer]
         if "error" in a or "error" in b:
-            rows.append(dict(benchmark=f"{bench} vs {peer}", ours=a.get("error", "ok"), peer=b.get("error", "ok"),
-                             ratio=float("nan"), device=device))
+            rows.append(failed_row(f"{bench} vs {peer}", a, b, device))
             continue
-        rows.append(dict(benchmark=f"{bench} time ({ours} vs {peer})", ours=_fmt_s(a["seconds"]),
-                         peer=_fmt_s(b["seconds"]), ratio=a["seconds"] / b["seconds"], device=device))
-        rows.append(dict(benchmark=f"{bench} peak extra mem ({ours} vs {peer})", ours=_fmt_b(a["extra_bytes"]),
-                         peer=_fmt_b(b["extra_bytes"]), ratio=a["extra_bytes"] / max(b["extra_bytes"], 1),
-                         device=device))
+        rows.append(seconds_row(f"{bench} time ({ours} vs {peer})", a["seconds"], b["seconds"], device))
+        rows.append(bytes_row(f"{bench} peak extra mem ({ours} vs {peer})", a["extra_bytes"], b["extra_bytes"], device))
     return rows
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| benchmark | ours | peer | ratio | device |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {r['ratio']:.3f} | {r['device']} |")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- GPU
@@ -214,8 +163,8 @@ def _gpu_methods():
 
     methods = {
         "ours": lambda h, w, y: fused_logprobs(h, w, y)[0],
-        "torch eager": lambda h, w, y: _naive(h, w, y)[0],
-        "torch.compile": torch.compile(lambda h, w, y: _naive(h, w, y)[0]),
+        "torch eager": lambda h, w, y: naive_logprobs(h, w, y)[0],
+        "torch.compile": torch.compile(lambda h, w, y: naive_logprobs(h, w, y)[0]),
     }
     try:
         from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
@@ -282,23 +231,14 @@ def gpu_rows(token_counts=(4096, 16_384), verbose: bool = True) -> list[dict]:
             for name, r in res.items():
                 if name == "ours" or isinstance(r, Exception) or isinstance(ours, Exception):
                     continue
-                rows.append(dict(benchmark=f"{label} time vs {name}", ours=_fmt_s(ours[0]), peer=_fmt_s(r[0]),
-                                 ratio=ours[0] / r[0], device=device))
-                rows.append(dict(benchmark=f"{label} extra mem vs {name}", ours=_fmt_b(ours[1]), peer=_fmt_b(r[1]),
-                                 ratio=ours[1] / max(r[1], 1), device=device))
+                rows.append(seconds_row(f"{label} time vs {name}", ours[0], r[0], device))
+                rows.append(bytes_row(f"{label} extra mem vs {name}", ours[1], r[1], device))
     return rows
 
 
 # ------------------------------------------------------------------------------------- pytest-benchmark
-def _skip_unless_enabled(benchmark):
-    import pytest
-
-    if getattr(benchmark, "disabled", True):
-        pytest.skip("benchmarks run only with --benchmark-enable / --benchmark-only")
-
-
 def _bench_cpu_method(benchmark, method: str):
-    _skip_unless_enabled(benchmark)
+    skip_unless_benchmarking(benchmark)
     hidden, weight, targets, adv = _inputs(QUICK)
     step = _make_cpu_step(method, QUICK, hidden, weight, targets, adv)
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
+
+from bench._common import bytes_row, failed_row, reset_peak_rss, rss_kib, run_worker
+from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 PROMPTS, GROUP, PROMPT_TOKENS, COMPLETION = 2, 4, 64, 192
 LORA_RANK = 16
@@ -35,22 +36,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PAIRS = [("full", "trl", "full fine-tune"), ("lora", "trl+peft", "LoRA"),
          ("lora+ckpt+offload", "trl+peft+ckpt", "LoRA + checkpointing (+ our optimizer offload)")]
 ENV = {"OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def _trl_worker(variant: str, preset: str) -> dict:
@@ -76,12 +61,12 @@ def _trl_worker(variant: str, preset: str) -> dict:
     words = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:400]
     prompts = [" ".join(words[(7 * i + j) % len(words)] for j in range(PROMPT_TOKENS)) for i in range(PROMPTS)]
     gc.collect()
-    base = _rss_kib("VmRSS")
+    base = rss_kib("VmRSS")
     peaks: list[int] = []
 
     class Peak(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            peaks.append(_rss_kib("VmHWM"))
+            peaks.append(rss_kib("VmHWM"))
 
     args = GRPOConfig(output_dir=tmp, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, save_strategy="no",
                       max_completion_length=COMPLETION, num_generations=GROUP, per_device_train_batch_size=PROMPTS * GROUP,
@@ -97,7 +82,7 @@ def _trl_worker(variant: str, preset: str) -> dict:
         real_compute_loss = trainer.compute_loss
 
         def compute_loss(*a, **kw):
-            _reset_hwm()  # generation is done: measure the training part only
+            reset_peak_rss()  # generation is done: measure the training part only
             return real_compute_loss(*a, **kw)
 
         trainer.compute_loss = compute_loss
@@ -115,16 +100,8 @@ def _ours_worker(mode: str, preset: str) -> dict:
 
 
 def _run(kind: str, variant: str, preset: str) -> dict:
-    cmd = [sys.executable, "-m", "bench.memory", "--worker", kind, "--variant", variant, "--preset", preset]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=3600, env=dict(os.environ, **ENV))
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout)[-800:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _fmt_b(x: float) -> str:
-    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
+    return run_worker("bench.memory", ["--worker", kind, "--variant", variant, "--preset", preset], env=ENV,
+                      describe_error=lambda text: text[-800:])
 
 
 def rows(quick: bool = False, verbose: bool = True) -> list[dict]:
@@ -138,20 +115,11 @@ def rows(quick: bool = False, verbose: bool = True) -> list[dict]:
         if verbose:
             print(f"  {mode:18s} ours {ours}\n  {peer_variant:18s} peer {peer}", file=sys.stderr, flush=True)
         if "error" in ours or "error" in peer:
-            out.append(dict(benchmark=f"RL step peak RSS growth, {label}", ours=ours.get("error", "ok")[-200:],
-                            peer=peer.get("error", "ok")[-200:], ratio=float("nan"), device=device))
+            out.append(failed_row(f"RL step peak RSS growth, {label}", ours, peer, device, error_chars=200))
             continue
-        o, p = ours["peak_growth_bytes"], peer["peak_growth_bytes"]
-        out.append(dict(benchmark=f"RL step peak RSS growth, {label} (ours {mode} vs {peer_variant})",
-                        ours=_fmt_b(o), peer=_fmt_b(p), ratio=o / max(p, 1), device=device))
+        out.append(bytes_row(f"RL step peak RSS growth, {label} (ours {mode} vs {peer_variant})",
+                             ours["peak_growth_bytes"], peer["peak_growth_bytes"], device))
     return out
-
-
-def markdown_table(table_rows: list[dict]) -> str:
-    lines = ["| benchmark | ours | peer | ratio | device |", "|---|---|---|---|---|"]
-    for r in table_rows:
-        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {r['ratio']:.3f} | {r['device']} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench._common import render_table
 from deepeyesv2.logprobs import packed_logprobs
 from deepeyesv2.model import build_model
 from deepeyesv2.packing import Sample, first_fit_decreasing, pack
@@ -107,9 +108,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| benchmark | ours | peer | ratio (ours/peer) | device | note |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {r['ratio']} | {r['device']} | {r.get('note', '')} |")
+    print(render_table(rows, [("benchmark", "benchmark"), ("ours", "ours"), ("peer", "peer"),
+                              ("ratio (ours/peer)", "ratio"), ("device", "device"), ("note", lambda r: r.get("note", ""))]))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench._common import render_table
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2_rollout.engine import EmbeddedEngine, ScriptedEngine
 from deepeyesv2_rollout.episode import EpisodeLimits, Prompt, run_episodes
@@ -98,11 +99,9 @@ def run_benchmark(quick: bool = False) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| benchmark | ours | peer (no cache) | ratio | device |", "|---|---|---|---|---|"]
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {ratio} | {r['device']} |")
-    return "\n".join(lines)
+    return render_table(rows, [("benchmark", "benchmark"), ("ours", "ours"), ("peer (no cache)", "peer"),
+                               ("ratio", lambda r: "" if r["ratio"] is None else f"{r['ratio']:.2f}x"),
+                               ("device", "device")])
 
 
 def main() -> None:

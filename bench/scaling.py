@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from bench._common import (REPO_ROOT, fmt_bytes, fmt_seconds, naive_step, render_table, reset_peak_rss, rss_kib,
+                           run_worker, skip_unless_benchmarking)
+
 METHODS = ("ours", "naive")
 
 
@@ -54,18 +57,9 @@ def points(grid: Grid) -> list[tuple[str, int, int]]:
     return [("T", T, grid.V_for_T) for T in grid.seq_lens] + [("V", grid.T_for_V, V) for V in grid.vocabs]
 
 
-def _naive(hidden, weight, targets):
-    log_p = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
-    logp = log_p.gather(-1, targets[:, None]).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    return logp, entropy
-
-
 def _step_fn(method: str):
     if method == "naive":
-        def step(h, w, y):
-            logp, ent = _naive(h, w, y)
-            (logp.sum() + 0.0 * ent.sum().detach()).backward()
+        step = naive_step
     elif method == "ours":
         from deepeyesv2_kernels import fused_logprobs
 
@@ -75,14 +69,6 @@ def _step_fn(method: str):
     else:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     return step
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _measure(step, T: int, V: int, grid: Grid, device: str) -> dict:
@@ -108,9 +94,8 @@ def _measure(step, T: int, V: int, grid: Grid, device: str) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        base = _rss_kib("VmRSS") * 1024
+        reset_peak_rss(required=True)  # a peak that also covers the previous point would be wrong, not just noisy
+        base = rss_kib("VmRSS") * 1024
     times = []
     for _ in range(grid.reps):
         if device == "cuda":
@@ -120,7 +105,7 @@ def _measure(step, T: int, V: int, grid: Grid, device: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_kib("VmHWM") * 1024
     return {"seconds": statistics.median(times), "extra_bytes": max(0, peak - base - grads)}
 
 
@@ -139,20 +124,21 @@ def _worker(method: str, grid: Grid) -> list[dict]:
     return out
 
 
+def _last_line(text: str) -> str:
+    return (text.strip().splitlines()[-1:] or ["no output"])[0][:200]
+
+
 def _run_worker_subprocess(method: str, grid: Grid, timeout: float = 3600) -> list[dict]:
-    cmd = [sys.executable, "-m", "bench.scaling", "--worker", method, "--grid", json.dumps(asdict(grid))]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Pinning the mmap threshold keeps glibc from moving large freed buffers into the heap, where RSS would
     # keep them and hide the next point's peak.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=timeout, env=env)
+        res = run_worker("bench.scaling", ["--worker", method, "--grid", json.dumps(asdict(grid))], timeout=timeout,
+                         env={"MALLOC_MMAP_THRESHOLD_": "65536"}, describe_error=_last_line)
     except subprocess.TimeoutExpired:
-        return [{"method": method, "axis": a, "T": T, "V": V, "error": "timed out"} for a, T, V in points(grid)]
-    if proc.returncode != 0:
-        err = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return [{"method": method, "axis": a, "T": T, "V": V, "error": err[0][:200]} for a, T, V in points(grid)]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        res = {"error": "timed out"}
+    if isinstance(res, dict):  # the worker failed as a whole: every point carries its error
+        return [{"method": method, "axis": a, "T": T, "V": V, "error": res["error"]} for a, T, V in points(grid)]
+    return res
 
 
 def device_name() -> str:
@@ -190,18 +176,9 @@ def plot(results: list[dict], grid: Grid, path: str) -> str:
     return path
 
 
-def _fmt_s(x: float) -> str:
-    return f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
-
-
-def _fmt_b(x: float) -> str:
-    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
-
-
 def default_png_path() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     slug = "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-")
-    return os.path.join(root, "bench", "results", f"scaling-{datetime.date.today().isoformat()}-{slug}.png")
+    return os.path.join(REPO_ROOT, "bench", "results", f"scaling-{datetime.date.today().isoformat()}-{slug}.png")
 
 
 def rows(quick: bool = False, png: str | None = None, verbose: bool = True) -> list[dict]:
@@ -218,22 +195,19 @@ def rows(quick: bool = False, png: str | None = None, verbose: bool = True) -> l
     for axis, T, V in (("T", grid.seq_lens[-1], grid.V_for_T), ("V", grid.T_for_V, grid.vocabs[-1])):
         pick = {r["method"]: r for r in results if r["axis"] == axis and r["T"] == T and r["V"] == V}
         ours, naive = pick["ours"], pick["naive"]
-        for key, what, fmt in (("seconds", "time", _fmt_s), ("extra_bytes", "extra memory", _fmt_b)):
+        for key, what, fmt in (("seconds", "time", fmt_seconds), ("extra_bytes", "extra memory", fmt_bytes)):
             ok = "error" not in ours and "error" not in naive
             out.append(dict(benchmark=f"logprob scaling {what} at T={T:,} V={V:,} (ours vs naive)",
                             ours=fmt(ours[key]) if "error" not in ours else ours["error"],
                             peer=fmt(naive[key]) if "error" not in naive else naive["error"],
                             ratio=ours[key] / max(naive[key], 1) if ok else None, device=device,
-                            note=f"plot: {os.path.relpath(png, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}", better="lower"))
+                            note=f"plot: {os.path.relpath(png, REPO_ROOT)}", better="lower"))
     return out
 
 
 # ------------------------------------------------------------------------------------ pytest-benchmark
 def _bench(benchmark, method: str):
-    import pytest
-
-    if getattr(benchmark, "disabled", True):
-        pytest.skip("benchmarks run only with --benchmark-enable / --benchmark-only")
+    skip_unless_benchmarking(benchmark)
     step = _step_fn(method)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2048, 256, generator=g).requires_grad_()
@@ -267,10 +241,10 @@ def main(argv: list[str] | None = None) -> None:
         g = json.loads(args.grid)
         print(json.dumps(_worker(args.worker, Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()}))))
         return
-    print("| benchmark | ours | naive | ours/naive | device |\n|---|---|---|---|---|")
-    for r in rows(args.quick, args.out):
-        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        print(f"| {r['benchmark']} | {r['ours']} | {r['peer']} | {ratio} | {r['device']} |")
+    print(render_table(rows(args.quick, args.out),
+                       [("benchmark", "benchmark"), ("ours", "ours"), ("naive", "peer"),
+                        ("ours/naive", lambda r: "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"),
+                        ("device", "device")]))
 
 if __name__ == "__main__":
     main()

@@ -47,7 +47,7 @@ class DemoSettings:
     sft_rows_per_step: int = 2
     sft_lr: float = 3e-3
     rl_steps: int = 30
-    rl_lr: float = 2e-4
+    rl_lr: float = 2e-5  # 2e-4 and 1e-3 destabilised the sharp SFT policy (Adam's first steps are ~lr per weight)
     prompts_per_step: int = 8
     group_size: int = 8
     seed: int = 0

@@ -24,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SAMPLE_DIR = Path(__file__).parent / "assets" / "realx_sample"
@@ -55,11 +56,23 @@ BG = (235, 235, 235)
 RED, BLUE, GREEN = (220, 30, 30), (30, 60, 220), (40, 170, 60)
 
 
+SQUARE = 6  # px side of the drawn squares (the sample's questions count them)
+
+
+def _draw_squares(n_red: int, n_blue: int, rng: random.Random, size: int = 112) -> Image.Image:
+    """size x size grey image with n_red red and n_blue blue SQUARE px squares at distinct grid cells."""
+    a = np.full((size, size, 3), 235, dtype=np.uint8)
+    cells = [(r, c) for r in range(size // (SQUARE * 2)) for c in range(size // (SQUARE * 2))]
+    picks = rng.sample(cells, n_red + n_blue)
+    for k, (r, c) in enumerate(picks):
+        y, x = r * SQUARE * 2 + rng.randint(0, SQUARE - 1), c * SQUARE * 2 + rng.randint(0, SQUARE - 1)
+        a[y : y + SQUARE, x : x + SQUARE] = (220, 30, 30) if k < n_red else (30, 60, 220)
+    return Image.fromarray(a)
+
 def squares_image(n_red: int, n_blue: int, seed: int, size: int = 112) -> Image.Image:
     """Non-overlapping red and blue squares on a light background (the demo's counting picture)."""
-    from .demo_task import count_image
 
-    return count_image(n_red, n_blue, random.Random(seed), size=size)
+    return _draw_squares(n_red, n_blue, random.Random(seed), size=size)
 
 
 def big_square_image(color: tuple[int, int, int], seed: int, size: int = 112) -> Image.Image:

@@ -208,7 +208,7 @@ def test_sample_matches_its_generator(tmp_path):
 
 
 def test_sample_is_answerable_with_the_tools():
-    from deepeyesv2.demo_task import SQUARE
+    from deepeyesv2.realx_sample import SQUARE
     from deepeyesv2_rollout.tools.image_search import ImageIndex
     from deepeyesv2_rollout.tools.search import LocalBM25Search
 
