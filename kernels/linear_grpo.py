@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from .grpo_loss_ref import KL_ESTIMATORS, LOSS_AGGS, grpo_token_terms_ref
 from .logprobs import (
     apply_dlogits_chunk,
     fused_loss_chunk_tokens,
@@ -38,33 +39,15 @@ from .logprobs_torch import (
     validate_logprobs_inputs,
 )
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 METRIC_NAMES = ("clip_frac", "approx_kl", "kl", "entropy", "ratio_mean")
 
 
 def _token_loss(logp, entropy, old, adv, ref, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef):
-    """Per-token loss [T] and (ratio, clipped-flag, kl) terms; all [T] fp32."""
-    ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(pg1, pg2)
-    if dual_clip is not None:
-        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
-    kl = None
-    if ref is not None:
-        d = ref - logp
-        if kl_estimator == "k1":
-            kl = -d
-        elif kl_estimator == "k2":
-            kl = 0.5 * d * d
-        else:
-            kl = torch.exp(d) - d - 1.0
-        if kl_coef != 0.0:
-            loss = loss + kl_coef * kl
-    if entropy_coef != 0.0:
-        loss = loss - entropy_coef * entropy
-    return loss, ratio, pg2 > pg1, kl
+    """Per-token loss [T] and (ratio, clipped-flag, kl) terms; all [T] fp32. The spec's own function, so the
+    fused loss and `grpo_loss` cannot drift apart (ties included)."""
+    t = grpo_token_terms_ref(logp, old, adv, ref, clip_low, clip_high, dual_clip, kl_coef, kl_estimator,
+                             entropy, entropy_coef)
+    return t["loss"], t["ratio"], t["clipped"] > 0, (t["kl"] if ref is not None else None)
 
 
 def token_weights(
