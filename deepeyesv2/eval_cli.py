@@ -21,16 +21,15 @@ import importlib
 import json
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from deepeyesv2_rollout.types import SamplingParams, Trajectory
+from deepeyesv2_rollout.types import Trajectory
 
 from .data import DataError, PromptRecord, load_prompts
-from .evaluate import summarize
-from .rewards import RewardResult, get_reward_fn, reward_input_from_trajectory, score
+from .evaluate import by_category, rollout_and_score, summarize
+from .rewards import RewardResult, get_reward_fn
 
 TABLE_COLUMNS = ("accuracy", "reward", "format", "tool_call_rate", "tool_success_rate", "mean_turns")
 
@@ -108,11 +107,8 @@ def aggregate(trajs: list[Trajectory], results: list[RewardResult]) -> dict:
         s["prompts"] = len({trajs[i].prompt_id for i in idx})
         return s
 
-    by_cat: dict[str, list[int]] = defaultdict(list)
-    for i, t in enumerate(trajs):
-        by_cat[(t.metadata or {}).get("category") or "unknown"].append(i)
     return {"overall": summary(list(range(len(trajs)))),
-            "by_category": {c: summary(idx) for c, idx in sorted(by_cat.items())},
+            "by_category": {c: summary(idx) for c, idx in by_category(trajs).items()},
             "items": [item_record(t, r) for t, r in zip(trajs, results)]}
 
 
@@ -120,16 +116,7 @@ def run_eval(rollouts, processor, prompts: list[PromptRecord], reward_fn, sample
              temperature: float = 0.0, seed: int = 1234) -> dict:
     """`samples` episodes per prompt through `rollouts` (a deepeyesv2.rollouts.Rollouts) at `temperature`
     (0 = greedy), scored by `reward_fn`; returns `aggregate(...)`."""
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    sampling = SamplingParams(**{**rollouts.sampling.__dict__, "temperature": temperature})
-    saved = rollouts.seed
-    rollouts.seed = seed
-    try:
-        trajs = rollouts.run(prompts, samples, sampling)
-    finally:
-        rollouts.seed = saved
-    return aggregate(trajs, [score(reward_input_from_trajectory(t, processor), reward_fn) for t in trajs])
+    return aggregate(*rollout_and_score(rollouts, processor, prompts, reward_fn, samples, temperature, seed))
 
 
 def eval_table(result: dict) -> str:

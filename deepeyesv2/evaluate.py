@@ -33,10 +33,20 @@ def summarize(trajs: list[Trajectory], results: list[RewardResult]) -> dict:
     return out
 
 
-def evaluate(rollouts, processor, prompts: list[PromptRecord], reward_fn, samples_per_prompt: int = 1,
-             temperature: float = 0.0, seed: int = 1234) -> dict:
-    """{"overall": summary, "by_category": {category: summary}} over `samples_per_prompt` episodes per prompt
-    (temperature 0 = greedy)."""
+def by_category(trajs: list[Trajectory]) -> dict[str, list[int]]:
+    """Trajectory indices grouped by the prompt's category, categories sorted."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, t in enumerate(trajs):
+        groups[(t.metadata or {}).get("category") or "unknown"].append(i)
+    return dict(sorted(groups.items()))
+
+
+def rollout_and_score(rollouts, processor, prompts: list[PromptRecord], reward_fn, samples_per_prompt: int = 1,
+                      temperature: float = 0.0, seed: int = 1234) -> tuple[list[Trajectory], list[RewardResult]]:
+    """`samples_per_prompt` episodes per prompt at `temperature` (0 = greedy) with sampling seeds from `seed`
+    (the rollouts' own seed is restored after), each scored by `reward_fn`."""
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples must be >= 1, got {samples_per_prompt}")
     sampling = SamplingParams(**{**rollouts.sampling.__dict__, "temperature": temperature})
     saved_seed = rollouts.seed
     rollouts.seed = seed
@@ -44,13 +54,18 @@ def evaluate(rollouts, processor, prompts: list[PromptRecord], reward_fn, sample
         trajs = rollouts.run(prompts, samples_per_prompt, sampling)
     finally:
         rollouts.seed = saved_seed
-    results = [score(reward_input_from_trajectory(t, processor), reward_fn) for t in trajs]
-    by_cat: dict[str, list[int]] = defaultdict(list)
-    for i, t in enumerate(trajs):
-        by_cat[t.metadata.get("category") or "unknown"].append(i)
+    return trajs, [score(reward_input_from_trajectory(t, processor), reward_fn) for t in trajs]
+
+
+def evaluate(rollouts, processor, prompts: list[PromptRecord], reward_fn, samples_per_prompt: int = 1,
+             temperature: float = 0.0, seed: int = 1234) -> dict:
+    """{"overall": summary, "by_category": {category: summary}} over `samples_per_prompt` episodes per prompt
+    (temperature 0 = greedy)."""
+    trajs, results = rollout_and_score(rollouts, processor, prompts, reward_fn, samples_per_prompt, temperature, seed)
     return {
         "overall": summarize(trajs, results),
-        "by_category": {c: summarize([trajs[i] for i in idx], [results[i] for i in idx]) for c, idx in sorted(by_cat.items())},
+        "by_category": {c: summarize([trajs[i] for i in idx], [results[i] for i in idx])
+                        for c, idx in by_category(trajs).items()},
     }
 
 
