@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ARCH_DIR = Path(__file__).parent / "assets" / "arch"

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deepeyesv2_kernels import fused_linear_grpo_loss, group_advantages
-from deepeyesv2_rollout.types import SamplingParams, Trajectory
+from deepeyesv2_rollout.types import Trajectory
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
@@ -39,7 +39,7 @@ from .lora import is_lora
 from .memory import budgeted_logprobs, build_train_optimizer
 from .model import build_model, packed_hidden, unwrap_model
 from .optim import clip_and_step
-from .packing import IGNORE_INDEX, PackedBatch, Sample, pack_by_budget
+from .packing import PackedBatch, Sample, pack_by_budget
 from .rewards import RewardResult, get_reward_fn, overlong_penalty, reward_input_from_trajectory, score
 from .reference import make_reference
 from .rollouts import Rollouts, make_rollouts

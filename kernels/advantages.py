@@ -124,7 +124,6 @@ def _group_advantages_torch(rewards, group_ids, cu_seqlens, loss_mask, seq_ids, 
     seq_adv = torch.where(cnt > 1, adv, 0.0)
     if cu_seqlens is None:
         return seq_adv, None
-    S = cu_seqlens.shape[0] - 1
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     token_adv = torch.repeat_interleave(seq_adv[seq_ids.long()], lens, output_size=T)
     if loss_mask is not None:

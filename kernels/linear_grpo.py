@@ -86,7 +86,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, valid, w, old, adv, ref, temperature, cfg, backend):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        T, V = hidden.shape[0], weight.shape[0]
+        T = hidden.shape[0]
         inv_temp = 1.0 / temperature
         logp = torch.zeros(T, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros(T, dtype=torch.float32, device=hidden.device)

@@ -19,7 +19,6 @@ gradient is rounded to the weight dtype once per chunk (fp32 accumulation inside
 
 from __future__ import annotations
 
-import os
 
 import torch
 
