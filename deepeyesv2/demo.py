@@ -1,8 +1,9 @@
 """`deepeyesv2 demo`: the two-stage recipe end to end on the tiny model, on CPU, with real tools.
 
   1. generate a counting task where the code tool really helps (deepeyesv2.demo_task)
-  2. cold-start trajectories from a scripted policy through the real rollout environment and sandbox
-     (a mix of tool use and direct guesses, like a weak SFT corpus)
+  2. cold-start trajectories from a scripted policy through the real rollout environment and sandbox:
+     always a program, but half the time a buggy one (a flawed SFT corpus that still teaches the format
+     and copying the printed count); RL has to discover which program earns the accuracy reward
   3. evaluate (before SFT) -> SFT -> evaluate -> GRPO/DAPO RL with tool rollouts -> evaluate
   4. print the table, write summary JSON and PNG curves under the run directory
 
@@ -25,8 +26,8 @@ import torch
 from deepeyesv2_rollout.types import GenerateRequest, GenerateResult, SamplingParams
 
 from .config import Config
-from .demo_task import count_prompts, expert_turn
-from .evaluate import evaluate, format_table
+from .demo_task import count_prompts, expert_turn, right_program_rate
+from .evaluate import format_table, rollout_and_score, summarize
 from .model import ModelConfig, build_model
 from .packing import Sample
 from .rewards import get_reward_fn
@@ -41,13 +42,16 @@ class DemoSettings:
     train_prompts: int = 512
     eval_prompts: int = 32
     eval_samples: int = 4
+    max_count: int = 4  # red dots per image: 1..max_count (with 0-5 blue ones the buggy count stays one digit)
     sft_tool_fraction: float = 1.0  # share of cold-start trajectories that use the code tool
-    sft_answer_noise: float = 0.25  # share of the expert's final answers that are off by one (a noisy corpus)
-    sft_steps: int = 800  # copying the printed count into the answer is learned after ~500-600 steps
+    sft_answer_noise: float = 0.0  # share of the expert's final answers that are off by one (a noisy corpus)
+    sft_buggy_fraction: float = 0.5  # share of tool trajectories that run the buggy program (counts blue dots too)
+    sft_steps: int = 600  # copying the printed count into the answer is learned around steps 300-600
     sft_rows_per_step: int = 2
     sft_lr: float = 3e-3
     rl_steps: int = 30
-    rl_lr: float = 2e-5  # 2e-4 and 1e-3 destabilised the sharp SFT policy (Adam's first steps are ~lr per weight)
+    rl_lr: float = 3e-4  # 1e-3 broke the format within 10 steps; 3e-4 with a 3-step warm-up is stable
+    rl_warmup_steps: int = 3  # Adam's first updates are ~lr per weight whatever the gradient: ramp up
     prompts_per_step: int = 8
     group_size: int = 8
     seed: int = 0
@@ -62,10 +66,12 @@ class ExpertEngine:
     """The scripted cold-start policy as an Engine: it reads each context and writes the expert's turn
     (log-probs are not needed for SFT data, so no model runs)."""
 
-    def __init__(self, processor, tool_fraction: float, answer_noise: float, seed: int):
+    def __init__(self, processor, tool_fraction: float, answer_noise: float, seed: int, max_count: int = 9,
+                 buggy_fraction: float = 0.0):
         self.processor, self.tool_fraction, self.answer_noise = processor, tool_fraction, answer_noise
+        self.max_count, self.buggy_fraction = max_count, buggy_fraction
         self.rng = random.Random(seed)
-        self._plan: dict[tuple, tuple[bool, int, int]] = {}
+        self._plan: dict[tuple, tuple[bool, int, int, bool]] = {}
 
     def generate(self, requests: list[GenerateRequest], sampling: SamplingParams) -> list[GenerateResult]:
         out = []
@@ -73,9 +79,10 @@ class ExpertEngine:
             key = (r.tag.prompt_id, r.tag.sample_index)
             if key not in self._plan:
                 noise = self.rng.choice((-1, 1)) if self.rng.random() < self.answer_noise else 0
-                self._plan[key] = (self.rng.random() < self.tool_fraction, self.rng.randint(1, 9), noise)
-            use_tool, guess, noise = self._plan[key]
-            text = expert_turn(self.processor.decode(r.token_ids[-400:]), use_tool, guess, noise)
+                self._plan[key] = (self.rng.random() < self.tool_fraction, self.rng.randint(1, self.max_count), noise,
+                                   self.rng.random() < self.buggy_fraction)
+            use_tool, guess, noise, buggy = self._plan[key]
+            text = expert_turn(self.processor.decode(r.token_ids[-400:]), use_tool, guess, noise, buggy)
             ids = self.processor.encode(text)
             out.append(GenerateResult(ids, [0.0] * len(ids), "stop", matched_stop=None))
         return out
@@ -102,10 +109,10 @@ def demo_config(s: DemoSettings, stage: str) -> Config:
         cfg.train.steps, cfg.train.epochs, cfg.train.tokens_per_batch = s.sft_steps, 1000, 4096
         cfg.train.rows_per_step = s.sft_rows_per_step
     else:
-        cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = s.rl_lr, 0, 1.0
+        cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = s.rl_lr, s.rl_warmup_steps, 1.0
         cfg.train.steps, cfg.train.tokens_per_batch = s.rl_steps, 8192
         cfg.rl.prompts_per_step, cfg.rl.group_size = s.prompts_per_step, s.group_size
-        cfg.rl.mini_batches, cfg.rl.max_refill_rounds = 2, 1
+        cfg.rl.mini_batches, cfg.rl.max_refill_rounds = 1, 1  # one on-policy update per batch of 64 episodes
     return cfg
 
 
@@ -113,7 +120,8 @@ def cold_start_samples(rollouts, prompts, s: DemoSettings, chunk: int = 64) -> t
     """Trajectories of the scripted policy through the real environment -> (SFT samples with policy tokens
     trained and tool outputs / images masked, number of trajectories that called a tool)."""
     expert = type(rollouts)(**{**rollouts.__dict__,
-                               "engine": ExpertEngine(rollouts.processor, s.sft_tool_fraction, s.sft_answer_noise, s.seed)})
+                               "engine": ExpertEngine(rollouts.processor, s.sft_tool_fraction, s.sft_answer_noise, s.seed,
+                                                         s.max_count, s.sft_buggy_fraction)})
     trajs = [t for i in range(0, len(prompts), chunk) for t in expert.run(prompts[i : i + chunk], 1)]
     samples = [Sample(torch.tensor(t.token_ids), torch.tensor(t.loss_mask), t.pixel_values, t.image_grid_thw,
                       name=t.prompt_id) for t in trajs]
@@ -128,8 +136,8 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     model, proc = build_model(ModelConfig(name_or_path="tiny", seed=s.seed))
-    train = count_prompts(s.train_prompts, seed=s.seed + 1, prefix="train")
-    held_out = count_prompts(s.eval_prompts, seed=s.seed + 2, prefix="eval")
+    train = count_prompts(s.train_prompts, seed=s.seed + 1, prefix="train", max_count=s.max_count)
+    held_out = count_prompts(s.eval_prompts, seed=s.seed + 2, prefix="eval", max_count=s.max_count)
     reward_fn = get_reward_fn("deepeyesv2")
     rl_cfg = demo_config(s, "rl")
     rollouts = make_rollouts(model, proc, rl_cfg, progress=False)
@@ -140,11 +148,12 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
             t0 = time.perf_counter()
             model.eval()
             rollouts.engine.update_weights(model)
-            res = evaluate(rollouts, proc, held_out, reward_fn, samples_per_prompt=s.eval_samples, temperature=1.0, seed=99)
-            rows[name] = res["overall"]
+            trajs, scores = rollout_and_score(rollouts, proc, held_out, reward_fn, samples_per_prompt=s.eval_samples,
+                                              temperature=1.0, seed=99)
+            row = rows[name] = {**summarize(trajs, scores), "right_program_rate": right_program_rate(trajs)}
             timings[f"eval {name}"] = time.perf_counter() - t0
-            print(f"[demo] {name}: reward {res['overall']['reward']:.3f}, accuracy {res['overall']['accuracy']:.3f}, "
-                  f"tool-call rate {res['overall']['tool_call_rate']:.2f}", flush=True)
+            print(f"[demo] {name}: reward {row['reward']:.3f}, accuracy {row['accuracy']:.3f}, "
+                  f"tool-call rate {row['tool_call_rate']:.2f}, right program {row['right_program_rate']:.2f}", flush=True)
 
         ev("before SFT")
         t0 = time.perf_counter()
@@ -165,7 +174,7 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
                "total_s": time.perf_counter() - t_start, "cold_start_tool_trajectories": n_tool,
                "ordering_ok": rows["after RL"]["reward"] > rows["after SFT"]["reward"] > rows["before SFT"]["reward"]}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    table = format_table(rows)
+    table = format_table(rows, extra=("right_program_rate",))
     (out / "demo_table.md").write_text(table + "\n")
     print("\n" + table)
     print(f"\n[demo] total {summary['total_s'] / 60:.1f} min; ordering after RL > after SFT > before SFT: {summary['ordering_ok']}")

@@ -1,9 +1,11 @@
-"""The demo's synthetic task, where a tool really helps: count the red squares in an image.
+"""The demo's synthetic task, where a tool really helps: count the red dots in an image.
 
-A tiny model cannot count small squares from 16 image tokens, but it can learn to write one fixed
-program that counts them, run it in the sandbox, and copy the printed number into its answer.
-The cold-start data mixes such tool trajectories with direct guesses (as a weak SFT policy would),
-so RL has something to discover: calling the tool is what earns the accuracy reward.
+A tiny model cannot see single-pixel dots through 28-pixel image patches, but it can learn to write a
+short program that counts them, run it in the sandbox, and copy the printed number into its answer.
+The cold-start data comes from a scripted expert that always writes a program, but half the time the
+*buggy* one, which counts every coloured dot (the blue distractors too). Both kinds of trajectory
+teach the format and the copying; only the verifiable reward tells the programs apart, so choosing
+the right program is what RL has to discover.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ COUNT_CODE = (
     "r, g, b = [np.array(c).astype(int) for c in image_1.split()]\n"
     "print((r > b + b).sum())"
 )
-TOOL_TURN = "<think>The dots are tiny. I will count them with code.</think><code>\n```python\n" + COUNT_CODE + "\n```\n</code>"
+# The buggy program: grey background has r == g, every dot has r != g -- so it counts red and blue dots.
+# It shares COUNT_CODE's first 2 lines and its print( prefix: the two programs part at a single token.
+BUGGY_CODE = COUNT_CODE.replace("(r > b + b)", "(r != g)")
+_TOOL_TURN = "<think>The dots are tiny. I will count them with code.</think><code>\n```python\n{code}\n```\n</code>"
+TOOL_TURN = _TOOL_TURN.format(code=COUNT_CODE)
+BUGGY_TOOL_TURN = _TOOL_TURN.format(code=BUGGY_CODE)
 ANSWER_TURN = "<think>Done.</think><answer>{n}</answer>"
 GUESS_TURN = "<think>I can see them.</think><answer>{n}</answer>"
 
@@ -40,23 +47,33 @@ def count_image(n_red: int, n_blue: int, rng: random.Random, size: int = 112) ->
     return Image.fromarray(a)
 
 
-def count_prompts(n: int, seed: int, prefix: str = "count") -> list[PromptRecord]:
+def count_prompts(n: int, seed: int, prefix: str = "count", max_count: int = 9) -> list[PromptRecord]:
+    """n questions with 1..max_count red dots each (plus 0-5 blue distractors)."""
+    if not 1 <= max_count <= 9:
+        raise ValueError(f"max_count must be in 1..9 (one digit token), got {max_count}")
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        k = rng.randint(1, 9)
+        k = rng.randint(1, max_count)
         img = count_image(k, rng.randint(0, 5), rng)
         out.append(PromptRecord(id=f"{prefix}-{seed}-{i}", question=QUESTION, answer=str(k), images=[img],
                                 category="perception", answer_type="numeric"))
     return out
 
 
+def right_program_rate(trajectories) -> float:
+    """Share of episodes whose code calls include the correct counting program (not the buggy one)."""
+    right = [any(c.name == "code" and "(r > b + b)" in str(c.args.get("code", "")) for c in t.tool_calls)
+             for t in trajectories]
+    return sum(right) / max(1, len(right))
+
+
 _STDOUT = re.compile(r"stdout:\n(.*?)\n", re.DOTALL)
 
 
-def expert_turn(context_text: str, use_tool: bool, guess: int, noise: int = 0) -> str:
-    """The scripted cold-start policy: code first (if use_tool), then copy the printed count -- off by
-    `noise` (a noisy expert; RL on the verifiable reward is what removes it)."""
+def expert_turn(context_text: str, use_tool: bool, guess: int, noise: int = 0, buggy: bool = False) -> str:
+    """The scripted cold-start policy: a program first (if use_tool; the buggy one if `buggy`), then copy
+    the printed count -- off by `noise` (an optional noisy expert)."""
     if "Code execution result" in context_text:
         m = _STDOUT.findall(context_text)
         try:
@@ -64,4 +81,6 @@ def expert_turn(context_text: str, use_tool: bool, guess: int, noise: int = 0) -
         except (IndexError, ValueError):
             return ANSWER_TURN.format(n=0)
         return ANSWER_TURN.format(n=min(9, max(1, n)) if noise else n)
-    return TOOL_TURN if use_tool else GUESS_TURN.format(n=guess)
+    if use_tool:
+        return BUGGY_TOOL_TURN if buggy else TOOL_TURN
+    return GUESS_TURN.format(n=guess)

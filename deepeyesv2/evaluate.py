@@ -57,21 +57,9 @@ def rollout_and_score(rollouts, processor, prompts: list[PromptRecord], reward_f
     return trajs, [score(reward_input_from_trajectory(t, processor), reward_fn) for t in trajs]
 
 
-def evaluate(rollouts, processor, prompts: list[PromptRecord], reward_fn, samples_per_prompt: int = 1,
-             temperature: float = 0.0, seed: int = 1234) -> dict:
-    """{"overall": summary, "by_category": {category: summary}} over `samples_per_prompt` episodes per prompt
-    (temperature 0 = greedy)."""
-    trajs, results = rollout_and_score(rollouts, processor, prompts, reward_fn, samples_per_prompt, temperature, seed)
-    return {
-        "overall": summarize(trajs, results),
-        "by_category": {c: summarize([trajs[i] for i in idx], [results[i] for i in idx])
-                        for c, idx in by_category(trajs).items()},
-    }
-
-
-def format_table(rows: dict[str, dict]) -> str:
-    """Markdown table: one row per named summary."""
-    cols = ["reward", "accuracy", "format", "tool_call_rate", "tool_success_rate", "mean_turns"]
+def format_table(rows: dict[str, dict], extra: tuple[str, ...] = ()) -> str:
+    """Markdown table: one row per named summary (`extra`: further numeric keys of the summaries)."""
+    cols = ["reward", "accuracy", "format", "tool_call_rate", "tool_success_rate", "mean_turns", *extra]
     lines = ["| | " + " | ".join(cols) + " | tools |", "|---" * (len(cols) + 2) + "|"]
     for name, s in rows.items():
         tools = ", ".join(f"{k} {v:.0%}" for k, v in s.get("tools", {}).items()) or "-"

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from deepeyesv2.demo import DemoSettings, run_demo
-from deepeyesv2.demo_task import COUNT_CODE, count_image, count_prompts, expert_turn
+from deepeyesv2.demo_task import BUGGY_CODE, COUNT_CODE, count_image, count_prompts, expert_turn
 
 
 def test_counting_program_is_exact_and_the_expert_copies_its_output():
@@ -15,15 +15,19 @@ def test_counting_program_is_exact_and_the_expert_copies_its_output():
 
     rng = random.Random(0)
     for n in range(1, 10):
-        ns = {"image_1": count_image(n, rng.randint(0, 5), rng)}
+        blue = rng.randint(0, 5)
+        ns = {"image_1": count_image(n, blue, rng)}
         out = []
         exec(COUNT_CODE.replace("print(", "out.append("), {**ns, "out": out})
-        assert int(out[0]) == n
+        exec(BUGGY_CODE.replace("print(", "out.append("), {**ns, "out": out})
+        assert [int(x) for x in out] == [n, n + blue]  # the buggy program counts the blue distractors too
     assert expert_turn("Code execution result:\nstdout:\n7\n\nstderr:\n", True, 3).endswith("<answer>7</answer>")
     assert expert_turn("Code execution result:\nstdout:\n7\n\nstderr:\n", True, 3, noise=1).endswith("<answer>8</answer>")
-    assert "<code>" in expert_turn("How many red dots?", True, 3)
+    assert COUNT_CODE in expert_turn("How many red dots?", True, 3)
+    assert BUGGY_CODE in expert_turn("How many red dots?", True, 3, buggy=True)
     assert expert_turn("How many red dots?", False, 3).endswith("<answer>3</answer>")
     assert [p.answer for p in count_prompts(5, seed=1)] == [p.answer for p in count_prompts(5, seed=1)]
+    assert {p.answer for p in count_prompts(64, seed=1, max_count=4)} == {"1", "2", "3", "4"}
 
 
 def test_demo_short_run(tmp_path):
