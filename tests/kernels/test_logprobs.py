@@ -120,10 +120,81 @@ def test_torch_qwen_vocab_tiny_hidden():
     _check_against_ref("torch", "cpu", 3, 16, 151_936, torch.float32, 1.0, True, False, True)
 
 
+def _small_tiles(monkeypatch, tokens=16, block=300):
+    """Shrink the vocab tiling to [tokens, block] tiles so that small shapes span several chunks and blocks."""
+    monkeypatch.setattr(logprobs_torch, "TOKEN_CHUNK_MAX", tokens)
+    monkeypatch.setattr(logprobs_torch, "VOCAB_BLOCK_MIN", block)
+    monkeypatch.setattr(logprobs_torch, "TILE_BYTES", 4 * tokens * block)
+
+
 def test_torch_multi_chunk(monkeypatch):
-    # 16-token chunks over T=63: the last chunk is ragged.
-    monkeypatch.setattr(logprobs_torch, "CHUNK_BYTES", 16 * 4 * 1000)
+    # 16-token chunks over T=63: the last chunk is ragged; V=1000 fits one block.
+    monkeypatch.setattr(logprobs_torch, "TOKEN_CHUNK_MAX", 16)
+    assert logprobs_torch.vocab_tiles(63, 1000) == (16, 1000)
     _check_against_ref("torch", "cpu", 63, 48, 1000, torch.float32, 0.7, True, True, True)
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["logp-grad", "entropy-grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_several_chunks_and_vocab_blocks(monkeypatch, entropy_grad, dtype):
+    # T=50 in 16-token chunks (ragged 2-token tail) x V=1000 in 300-row blocks (ragged 100-row tail): the online
+    # statistics are merged across blocks, targets are picked block-locally, grad_W blocks are first written then
+    # accumulated over token chunks; bias and temperature != 1 go through the GEMM operands.
+    _small_tiles(monkeypatch)
+    T, V = 50, 1000
+    tokens, block = logprobs_torch.vocab_tiles(T, V)
+    assert (tokens, block) == (16, 300) and T % tokens and V % block
+    _check_against_ref("torch", "cpu", T, 24, V, dtype, 0.7, True, True, entropy_grad)
+
+
+def test_torch_vocab_blocks_max_moves_late(monkeypatch):
+    # Logits grow block after block (the running max is replaced at every merge) and one late block holds a
+    # dominant row: a wrong rescaling of the running sums would show in lse and entropy.
+    _small_tiles(monkeypatch, tokens=8, block=64)
+    T, H, V = 20, 16, 333
+    hidden, weight, b, targets, loss_mask = _inputs(T, H, V, torch.float32, True, False, "cpu")
+    with torch.no_grad():
+        weight.mul_(torch.linspace(0.2, 3.0, V)[:, None])
+        weight[250] *= 6.0
+    out = _run(fused_logprobs, hidden, weight, b, targets, loss_mask, 1.3, True, entropy_grad=True, backend="torch")
+    ref = _run(logprobs_ref, hidden, weight, b, targets, loss_mask, 1.3, True)
+    _assert_close_named(out[0], ref[0], "logprobs", 1e-5, 1e-5)
+    _assert_close_named(out[1], ref[1], "entropy", 1e-5, 1e-5)
+    for name in ref[2]:
+        _assert_close_named(out[2][name], ref[2][name], f"grad {name}", 1e-5, 2e-5)
+
+
+def test_torch_vocab_blocks_without_entropy(monkeypatch):
+    # compute_entropy=False takes the one-tile path (exp in place); log-probs and grads still match the reference.
+    _small_tiles(monkeypatch)
+    hidden, weight, b, targets, loss_mask = _inputs(40, 16, 700, torch.float32, True, True, "cpu")
+    out = _run(fused_logprobs, hidden, weight, b, targets, loss_mask, 0.8, False, compute_entropy=False,
+               backend="torch")
+    ref = _run(logprobs_ref, hidden, weight, b, targets, loss_mask, 0.8, False)
+    assert (out[1] == 0).all()
+    _assert_close_named(out[0], ref[0], "logprobs", 1e-5, 1e-5)
+    for name in ref[2]:
+        _assert_close_named(out[2][name], ref[2][name], f"grad {name}", 1e-5, 2e-5)
+
+
+def test_vocab_tiles_budget():
+    lt = logprobs_torch
+    # The CPU benchmark shape: all tokens in one chunk, vocab blocks sized to the tile budget.
+    tokens, block = lt.vocab_tiles(4096, 151_936)
+    assert tokens == 4096 and block >= lt.VOCAB_BLOCK_MIN and tokens * block * 4 <= lt.TILE_BYTES
+    # Many tokens: the chunk is capped; the block never drops below VOCAB_BLOCK_MIN.
+    tokens, block = lt.vocab_tiles(10**6, 151_936)
+    assert tokens <= lt.TOKEN_CHUNK_MAX and block >= lt.VOCAB_BLOCK_MIN and tokens * block * 4 <= lt.TILE_BYTES
+    # Small vocab: one block holds it all.
+    assert lt.vocab_tiles(10, 300) == (10, 300)
+
+
+def test_chunked_logprobs_empty_batch_grads_are_zero():
+    h = torch.zeros(0, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    lp, _ = logprobs_torch.chunked_logprobs(h, w, torch.zeros(0, dtype=torch.int64))
+    (lp.sum() + w.sum() * 0).backward()
+    assert (w.grad == 0).all() and h.grad.shape == (0, 8)
 
 
 def test_torch_weight_frozen_and_detached_entropy():
