@@ -255,6 +255,12 @@ def _run_worker_subprocess(variant: str, setup: Setup, timeout: float = 1800) ->
         return {"error": f"timed out after {timeout:.0f} s"}
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _last_error_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     errs = [ln for ln in lines if "Error" in ln or "error" in ln]
@@ -292,6 +298,9 @@ def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...
         label = "TRL GRPOTrainer" if peer_name == "trl" else "TRL GRPOTrainer + Liger"
         if "error" in ours or "error" in peer:
             why = peer.get("error") or ours.get("error")
+            if peer_name == "trl-liger" and "error" in peer and not _has_cuda():
+                # Even where the patch imports, Liger's layer kernels (RMSNorm, SwiGLU, RoPE) are Triton GPU kernels.
+                why += "; on CPU this peer cannot run anyway: Liger's layer kernels are Triton kernels that need a GPU"
             out.append(dict(benchmark=f"GRPO step (ours vs {label})", ours="failed" if "error" in ours else "ok",
                             peer="n/a" if "error" in peer else "ok", ratio=None, device=device,
                             note=f"{'ours' if 'error' in ours else peer_name} failed: {why}", better="lower"))
