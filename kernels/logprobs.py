@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .logprobs_torch import chunked_logprobs, valid_tokens, validate_logprobs_inputs
+from .logprobs_torch import chunked_logprobs, finish_forward, upstream_grads, valid_tokens, validate_logprobs_inputs
 
 try:  # Triton is optional: without it every call goes to the chunked torch path.
     import triton
@@ -382,23 +382,14 @@ class TritonLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, valid, temperature, compute_entropy, entropy_grad):
         inv_temp = 1.0 / temperature
         logp, entropy, lse = triton_logprob_stats(hidden, weight, bias, targets, inv_temp, compute_entropy)
-        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        logp = torch.where(valid, logp, zero)
-        entropy = torch.where(valid, entropy, zero)
-        ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, entropy)
-        ctx.inv_temp = inv_temp
-        ctx.entropy_grad = entropy_grad and compute_entropy
-        if not ctx.entropy_grad:
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+        return finish_forward(ctx, valid, logp, entropy, lse, (hidden, weight, bias, targets), inv_temp,
+                              compute_entropy, entropy_grad)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        validf = valid.float()
-        g_lp = grad_logp.float() * validf if grad_logp is not None else torch.zeros_like(validf)
-        g_ent = grad_entropy.float() * validf if (ctx.entropy_grad and grad_entropy is not None) else None
+        g_lp, g_ent = upstream_grads(ctx, valid, grad_logp, grad_entropy)
         grads = triton_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_ent, ctx.inv_temp,
                                 need_h, need_w, need_b)
         return (*grads, None, None, None, None, None)

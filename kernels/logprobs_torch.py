@@ -444,6 +444,29 @@ def tiled_backward(
     return grad_h, grad_w, grad_b
 
 
+def finish_forward(ctx, valid, logp, entropy, lse, saved: tuple, inv_temp: float, compute_entropy: bool,
+                   entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward epilogue both autograd wrappers share: zero logp [T] / entropy [T] on invalid tokens, save
+    `saved` + (valid, lse, entropy) for the backward, and mark entropy non-differentiable unless its grad is on."""
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    logp = torch.where(valid, logp, zero)
+    entropy = torch.where(valid, entropy, zero) if entropy is not None else torch.zeros_like(lse)
+    ctx.save_for_backward(*saved, valid, lse, entropy)
+    ctx.inv_temp = inv_temp
+    ctx.entropy_grad = entropy_grad and compute_entropy
+    if not ctx.entropy_grad:
+        ctx.mark_non_differentiable(entropy)
+    return logp, entropy
+
+
+def upstream_grads(ctx, valid, grad_logp, grad_entropy) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dL/dlogp [T] fp32, dL/dentropy [T] fp32 or None), zero on invalid tokens (autograd may pass None)."""
+    validf = valid.float()
+    g_lp = grad_logp.float() * validf if grad_logp is not None else torch.zeros_like(validf)
+    g_ent = grad_entropy.float() * validf if (ctx.entropy_grad and grad_entropy is not None) else None
+    return g_lp, g_ent
+
+
 class ChunkedLogprobsFunction(torch.autograd.Function):
     """Autograd wrapper: forward keeps only [T] statistics, backward recomputes logits tile by tile."""
 
@@ -452,24 +475,13 @@ class ChunkedLogprobsFunction(torch.autograd.Function):
         inv_temp = 1.0 / temperature
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
         lse, z_target, ent = tiled_forward(hidden, weight, bias, safe_targets, inv_temp, compute_entropy)
-        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        logp = torch.where(valid, z_target - lse, zero)
-        entropy = torch.where(valid, ent, zero) if ent is not None else torch.zeros_like(lse)
-        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, entropy)
-        ctx.inv_temp = inv_temp
-        ctx.entropy_grad = entropy_grad and compute_entropy
-        if not ctx.entropy_grad:
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+        return finish_forward(ctx, valid, z_target - lse, ent, lse, (hidden, weight, bias, safe_targets), inv_temp,
+                              compute_entropy, entropy_grad)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, safe_targets, valid, lse, entropy = ctx.saved_tensors
-        validf = valid.float()
-        g_lp = grad_logp.float() * validf if grad_logp is not None else torch.zeros_like(validf)
-        g_ent = None
-        if ctx.entropy_grad and grad_entropy is not None:
-            g_ent = grad_entropy.float() * validf
+        g_lp, g_ent = upstream_grads(ctx, valid, grad_logp, grad_entropy)
         grad_h, grad_w, grad_b = tiled_backward(
             hidden, weight, bias, safe_targets, lse, entropy, g_lp, g_ent, ctx.inv_temp, ctx.needs_input_grad[:3]
         )
