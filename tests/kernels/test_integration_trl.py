@@ -159,8 +159,11 @@ def test_fused_forward_matches_trl(tokenizer, mode):
     w = torch.randn(out_p.log_probs.shape, generator=g)
     for model, out in ((peer, out_p), (ours, out_o)):
         (out.loss + (out.log_probs * w).sum() - 0.1 * (out.entropy * w).sum()).backward()
+    # atol 1e-5: the vocab-tiled CPU path sums in another order than TRL's chunks; fp32 rounding of ~1e-7
+    # reaches the embedding gradient (|g| ~ 1e-2) as ~2e-6 after two layers' backward. A wrong gradient is O(|g|).
     for (name, p_peer), p_ours in zip(peer.named_parameters(), ours.parameters()):
-        torch.testing.assert_close(p_ours.grad, p_peer.grad, rtol=1e-4, atol=1e-6, msg=f"grad {name}")
+        torch.testing.assert_close(p_ours.grad, p_peer.grad, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def test_non_fused_calls_pass_through(tokenizer):

@@ -104,7 +104,8 @@ def test_merge_and_save_round_trip(lora, tmp_path):
 
 
 class _Shapes(TorchDispatchMode):
-    """Records the shape of every tensor an op returns (all allocations under autograd go through here)."""
+    """Records the shape of every new tensor an op returns (all allocations under autograd go through here);
+    views of an input (a slice of the weight, a transpose) share its storage and allocate nothing."""
 
     def __init__(self):
         super().__init__()
@@ -112,8 +113,10 @@ class _Shapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        seen = {a.untyped_storage().data_ptr() for a in inputs}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
                 self.shapes.append(tuple(t.shape))
         return out
 
