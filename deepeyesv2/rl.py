@@ -33,6 +33,7 @@ from deepeyesv2_rollout.types import Trajectory
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import DataState, PromptRecord, ShuffledIterator, load_prompts
+from .distributed import env_world_size
 from .logprobs import packed_logprobs
 from .metrics import MetricsLogger, peak_memory_bytes
 from .lora import is_lora
@@ -202,6 +203,10 @@ def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg
 
 def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None, processor=None,
              rollouts: Rollouts | None = None, reward_fn=None, progress: bool | None = None) -> dict:
+    if env_world_size() > 1:
+        # Each rank would run the whole RL loop on its own and write the same out_dir: refuse, don't duplicate.
+        raise ValueError(f"RL under torchrun (WORLD_SIZE={env_world_size()}) is not supported yet: FSDP2 covers SFT "
+                         "only; run 'deepeyesv2 rl' as a single process")
     torch.manual_seed(cfg.train.seed)
     if model is None:
         model, processor = build_model(cfg.model)
