@@ -23,14 +23,17 @@ QUESTION = "How many red dots are in the image?"
 # Red pixels are the only ones whose red channel is over twice their blue channel (background grey,
 # distractors blue). The program has no digit literals: digits elsewhere in the context would compete
 # with the printed count that the answer must copy.
-COUNT_CODE = (
+RED_TEST = "(r > b + b)"
+# The buggy test: grey background has r == g, every dot has r != g -- so it counts red and blue dots.
+BUGGY_TEST = "(r != g)"
+_PROGRAM = (
     "import numpy as np\n"
     "r, g, b = [np.array(c).astype(int) for c in image_1.split()]\n"
-    "print((r > b + b).sum())"
+    "print({test}.sum())"
 )
-# The buggy program: grey background has r == g, every dot has r != g -- so it counts red and blue dots.
-# It shares COUNT_CODE's first 2 lines and its print( prefix: the two programs part at a single token.
-BUGGY_CODE = COUNT_CODE.replace("(r > b + b)", "(r != g)")
+# The two programs share their first 2 lines and the print( prefix: they part at a single token.
+COUNT_CODE = _PROGRAM.format(test=RED_TEST)
+BUGGY_CODE = _PROGRAM.format(test=BUGGY_TEST)
 _TOOL_TURN = "<think>The dots are tiny. I will count them with code.</think><code>\n```python\n{code}\n```\n</code>"
 TOOL_TURN = _TOOL_TURN.format(code=COUNT_CODE)
 BUGGY_TOOL_TURN = _TOOL_TURN.format(code=BUGGY_CODE)
@@ -63,7 +66,7 @@ def count_prompts(n: int, seed: int, prefix: str = "count", max_count: int = 9) 
 
 def right_program_rate(trajectories) -> float:
     """Share of episodes whose code calls include the correct counting program (not the buggy one)."""
-    right = [any(c.name == "code" and "(r > b + b)" in str(c.args.get("code", "")) for c in t.tool_calls)
+    right = [any(c.name == "code" and RED_TEST in str(c.args.get("code", "")) for c in t.tool_calls)
              for t in trajectories]
     return sum(right) / max(1, len(right))
 
