@@ -104,11 +104,17 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"single": tmp / "single", "fsdp": tmp / "fsdp", "data": data["sft"]}
 
 
+def assert_same_run(out, reference) -> None:
+    """`out` logged the same loss curve as `reference` and ended with the same weights."""
+    assert_close_curves(read_metrics(out / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl"))
+    last = f"step_{STEPS:06d}"
+    assert_close_weights(checkpoints_dir(out) / last, checkpoints_dir(reference) / last)
+
+
 def test_fsdp2_two_ranks_match_single_process(runs):
     single, fsdp = runs["single"], runs["fsdp"]
-    assert_close_curves(read_metrics(fsdp / "metrics.jsonl"), read_metrics(single / "metrics.jsonl"))
+    assert_same_run(fsdp, single)
     last = f"step_{STEPS:06d}"
-    assert_close_weights(checkpoints_dir(fsdp) / last, checkpoints_dir(single) / last)
     # the distributed checkpoint is a normal HF directory with the single-process optimizer layout
     st_f = torch.load(checkpoints_dir(fsdp) / last / "trainer_state.pt", weights_only=True)
     st_s = torch.load(checkpoints_dir(single) / last / "trainer_state.pt", weights_only=True)
@@ -125,9 +131,7 @@ def test_single_process_resumes_a_distributed_checkpoint(runs, tmp_path):
     shutil.copytree(runs["fsdp"], out)
     point_latest_at(out, 2)
     train_sft(sft_config(out, runs["data"], resume=True))
-    assert_close_curves(read_metrics(out / "metrics.jsonl"), read_metrics(runs["single"] / "metrics.jsonl"))
-    last = f"step_{STEPS:06d}"
-    assert_close_weights(checkpoints_dir(out) / last, checkpoints_dir(runs["single"]) / last)
+    assert_same_run(out, runs["single"])
 
 
 @pytest.mark.slow  # a second torchrun launch (~20 s)
@@ -136,9 +140,7 @@ def test_fsdp2_resumes_a_single_process_checkpoint(runs, tmp_path):
     shutil.copytree(runs["single"], out)
     point_latest_at(out, 2)
     torchrun_sft(sft_config(out, runs["data"], resume=True))
-    assert_close_curves(read_metrics(out / "metrics.jsonl"), read_metrics(runs["single"] / "metrics.jsonl"))
-    last = f"step_{STEPS:06d}"
-    assert_close_weights(checkpoints_dir(out) / last, checkpoints_dir(runs["single"]) / last)
+    assert_same_run(out, runs["single"])
 
 
 def test_optimizer_layout_round_trip():
