@@ -81,22 +81,53 @@ def all_sum(x: float) -> float:
     return float(t.item())
 
 
+def all_gather_ints(x: int) -> list[int]:
+    """[x on rank 0, x on rank 1, ...] ([x] in a single process)."""
+    if not is_distributed():
+        return [int(x)]
+    t = torch.zeros(world_size(), dtype=torch.int64, device=_comm_device())
+    t[rank()] = int(x)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] in a single process). For small metadata only."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_weighted_mean(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{key: (weighted sum, total weight)} on each rank -> {key: sum over ranks / weight over ranks}.
+    Every rank must pass the same keys."""
+    keys = sorted(totals)
+    t = torch.tensor([list(totals[k]) for k in keys], dtype=torch.float64).reshape(len(keys), 2)
+    if is_distributed():
+        t = t.to(_comm_device())
+        dist.all_reduce(t)
+    return {k: float(s / w) if w else 0.0 for k, (s, w) in zip(keys, t.tolist())}
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 class PackedPolicy(torch.nn.Module):
-    """The FSDP2 root: the training forward goes through `forward`, so FSDP's hooks gather the root's
+    """The FSDP2 root: every training forward goes through `forward`, so FSDP's hooks gather the root's
     parameters (embeddings, vision tower, norm, lm_head -- the lm_head weight is read directly by the fused
-    log-prob kernel, outside any nn.Module call) and reduce their gradients."""
+    kernels, outside any nn.Module call) and reduce their gradients."""
 
     def __init__(self, policy: torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, batch: PackedBatch, temperature: float = 1.0, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """logprobs [T] fp32 (0 off the loss mask), entropy [T] fp32 -- as deepeyesv2.logprobs.packed_logprobs."""
-        return packed_logprobs(self.policy, batch, temperature=temperature, entropy=entropy)
+    def forward(self, fn, *args, **kwargs):
+        """fn(policy, *args, **kwargs) with the root's parameters gathered: `packed_logprobs` for SFT,
+        `deepeyesv2.rl.policy_loss` for RL."""
+        return fn(self.policy, *args, **kwargs)
 
 
 class _GatheredModel:
@@ -167,7 +198,23 @@ class DataParallel:
         return rows[self.rank :: self.world_size]
 
     def logprobs(self, batch: PackedBatch, temperature: float = 1.0, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.root(batch.to(_device_of(self.policy)), temperature=temperature, entropy=entropy)
+        """logprobs [T] fp32 (0 off the loss mask), entropy [T] fp32 -- as deepeyesv2.logprobs.packed_logprobs."""
+        return self.root(packed_logprobs, batch.to(_device_of(self.policy)), temperature=temperature, entropy=entropy)
+
+    def call(self, fn, *args, **kwargs):
+        """fn(policy, *args, **kwargs) as one FSDP2 forward (its backward reduces the gradients)."""
+        return self.root(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def copy_weights_to(self, replica: torch.nn.Module) -> None:
+        """Gather the full weights into `replica`, a plain (unsharded) copy of the model with the same
+        parameter names -- the rollout engine's model. Collective; one parameter in flight at a time."""
+        from torch.distributed.tensor import DTensor
+
+        mine = dict(self.policy.named_parameters())
+        for name, p in replica.named_parameters():
+            src = mine[name]
+            p.copy_(src.full_tensor() if isinstance(src, DTensor) else src)
 
     def set_sync(self, sync: bool) -> None:
         """Reduce-scatter gradients in the coming backward (True) or keep accumulating locally (False)."""

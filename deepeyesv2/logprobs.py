@@ -17,9 +17,10 @@ from .packing import IGNORE_INDEX, PackedBatch
 def packed_logprobs(
     model, batch: PackedBatch, temperature: float = 1.0, entropy: bool = False, entropy_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logprobs [T] fp32 of batch.targets (0 where loss_mask is False), entropy [T] fp32."""
-    hidden = packed_hidden(model, batch)
+    """logprobs [T] fp32 of batch.targets (0 where loss_mask is False), entropy [T] fp32, on the model's device."""
     head = model.lm_head
+    batch = batch.to(head.weight.device)  # packed rows are built on the host; a no-op on CPU
+    hidden = packed_hidden(model, batch)
     return fused_logprobs(
         hidden.contiguous(), head.weight, batch.targets, temperature=temperature,
         bias=head.bias, ignore_index=IGNORE_INDEX, compute_entropy=entropy, entropy_grad=entropy_grad,

@@ -13,11 +13,13 @@ ratio = 1); `recompute_old_logprobs` recomputes them with the training forward i
 reference policy for the optional KL term is the base model with LoRA adapters off, else a frozen copy of
 the initial weights (in host memory with rl.ref_on_cpu); see deepeyesv2.reference.
 
-Simplifications: one process drives rollout and training (colocated); no value model (GRPO).
+Rollout and training are colocated; no value model (GRPO). Under torchrun (FSDP2) every rank rolls out its
+share of the step's prompts on a full replica of the weights and trains its shards on its own episodes.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -33,7 +35,8 @@ from deepeyesv2_rollout.types import Trajectory
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import DataState, PromptRecord, ShuffledIterator, load_prompts
-from .distributed import env_world_size
+from . import distributed
+from .distributed import DataParallel, all_gather_ints, all_sum, all_weighted_mean
 from .logprobs import packed_logprobs
 from .metrics import MetricsLogger, peak_memory_bytes
 from .lora import is_lora
@@ -84,48 +87,70 @@ def trajectory_sample(t: Trajectory, name: str, vision_ids: set[int]) -> Sample:
 
 
 def collect_groups(rollouts: Rollouts, prompts: list[PromptRecord], order: ShuffledIterator, processor, reward_fn, cfg: Config) -> tuple[list[ScoredGroup], dict]:
-    """Roll out prompts_per_step prompts; with dynamic sampling, drop all-equal groups and refill."""
+    """Roll out prompts_per_step prompts; with dynamic sampling, drop all-equal groups and refill.
+
+    Under torchrun each rank fills its own quota (prompts_per_step split over the ranks). A round takes the
+    ranks' summed shortfall from the shared prompt order (identical on every rank) and gives each rank its
+    slice, so the order advances as in one process and, with nothing dropped, the ranks together roll out
+    exactly the prompts, seeds and group ids a single process would. Returns this rank's groups and the
+    global drop counts."""
+    W, me = distributed.world_size(), distributed.rank()
+    if cfg.rl.prompts_per_step < W:
+        raise ValueError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} is smaller than the world size {W}: "
+                         "every rank needs at least one prompt per step")
+    need = cfg.rl.prompts_per_step // W + (me < cfg.rl.prompts_per_step % W)
     groups: list[ScoredGroup] = []
-    stats = {"groups_dropped": 0, "groups_sampled": 0}
-    need = cfg.rl.prompts_per_step
-    rounds = 0
-    while len(groups) < need:
-        batch = [prompts[i] for i in order.take(need - len(groups))]
-        trajs = rollouts.run(batch, cfg.rl.group_size)
+    dropped = sampled = rounds = 0
+    while True:
+        short = all_gather_ints(need - len(groups))
+        if sum(short) == 0:
+            break
+        batch = [prompts[i] for i in order.take(sum(short))]
+        start = sum(short[:me])
+        trajs = rollouts.run(batch[start : start + short[me]], cfg.rl.group_size, slice_start=start, round_size=len(batch))
         by_group: dict[int, list[Trajectory]] = defaultdict(list)
         for t in trajs:
             by_group[t.group_id].append(t)
         for gid in sorted(by_group):
             ts = by_group[gid]
             rs = score_trajectories(ts, processor, reward_fn, cfg)
-            stats["groups_sampled"] += 1
+            sampled += 1
             equal = max(r.total for r in rs) - min(r.total for r in rs) < 1e-9
             if cfg.rl.dynamic_sampling and equal and rounds < cfg.rl.max_refill_rounds:
-                stats["groups_dropped"] += 1
+                dropped += 1
                 continue
             groups.append(ScoredGroup(ts, rs))
         rounds += 1
         if not cfg.rl.dynamic_sampling:
             break
-    return groups[: max(need, 1)], stats
+    return groups, {"groups_dropped": int(all_sum(dropped)), "groups_sampled": int(all_sum(sampled))}
 
 
-def rollout_metrics(groups: list[ScoredGroup]) -> dict:
-    trajs = [t for g in groups for t in g.trajectories]
-    rewards = [r for g in groups for r in g.rewards]
-    calls = [c for t in trajs for c in t.tool_calls]
+def episode_summaries(groups: list[ScoredGroup]) -> list[dict]:
+    """What the step's metrics need of each episode: small plain values (ranks exchange these, not trajectories)."""
+    return [{"reward": r.total, "components": dict(r.components), "tool_calls": len(t.tool_calls),
+             "tool_ok": sum(c.status == "ok" for c in t.tool_calls), "response_length": int(sum(t.loss_mask)),
+             "num_turns": t.num_turns, "answered": t.stop_reason == "answer"}
+            for g in groups for t, r in zip(g.trajectories, g.rewards)]
+
+
+def rollout_metrics(groups: list[ScoredGroup], episodes: list[dict] | None = None) -> dict:
+    """Mean reward (total and per component), tool-call and success rates, lengths. `episodes`: the
+    episode_summaries of every rank's groups (default: those of `groups`)."""
+    eps = episode_summaries(groups) if episodes is None else episodes
+    calls = sum(e["tool_calls"] for e in eps)
     m = {
-        "reward": float(np.mean([r.total for r in rewards])),
-        "tool_call_rate": float(np.mean([len(t.tool_calls) > 0 for t in trajs])),
-        "tool_calls_per_episode": len(calls) / max(1, len(trajs)),
-        "tool_success_rate": float(np.mean([c.status == "ok" for c in calls])) if calls else 0.0,
-        "response_length": float(np.mean([sum(t.loss_mask) for t in trajs])),
-        "num_turns": float(np.mean([t.num_turns for t in trajs])),
-        "answered_rate": float(np.mean([t.stop_reason == "answer" for t in trajs])),
+        "reward": float(np.mean([e["reward"] for e in eps])),
+        "tool_call_rate": float(np.mean([e["tool_calls"] > 0 for e in eps])),
+        "tool_calls_per_episode": calls / max(1, len(eps)),
+        "tool_success_rate": sum(e["tool_ok"] for e in eps) / calls if calls else 0.0,
+        "response_length": float(np.mean([e["response_length"] for e in eps])),
+        "num_turns": float(np.mean([e["num_turns"] for e in eps])),
+        "answered_rate": float(np.mean([e["answered"] for e in eps])),
     }
-    keys = sorted({k for r in rewards for k in r.components})
+    keys = sorted({k for e in eps for k in e["components"]})
     for k in keys:
-        m[f"reward_{k}"] = float(np.mean([r.components.get(k, 0.0) for r in rewards]))
+        m[f"reward_{k}"] = float(np.mean([e["components"].get(k, 0.0) for e in eps]))
     return m
 
 
@@ -145,6 +170,8 @@ def build_rows(groups: list[ScoredGroup], budget: int, processor) -> tuple[list[
 
 def policy_loss(model, row: PackedBatch, adv: torch.Tensor, cfg: Config, num_tokens: float, ref_model=None) -> tuple[torch.Tensor, dict]:
     """Fused lm-head + GRPO/DAPO loss on one packed row (no [T, V] logits)."""
+    device = model.lm_head.weight.device
+    row, adv = row.to(device), adv.to(device)  # rows and advantages are built on the host; no-ops on CPU
     ref_lp = row.token_fields.get("ref_logprobs") if cfg.rl.kl_coef > 0 else None
     if ref_lp is None and ref_model is not None and cfg.rl.kl_coef > 0 and not hasattr(ref_model, "row_logprobs"):
         with torch.no_grad():
@@ -160,12 +187,19 @@ def policy_loss(model, row: PackedBatch, adv: torch.Tensor, cfg: Config, num_tok
     )
 
 
-def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg: Config, ref_model=None) -> dict:
-    """ppo_epochs x mini_batches optimizer steps over the packed rows."""
+def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg: Config, ref_model=None,
+                  dp: DataParallel | None = None, old_policy=None) -> dict:
+    """ppo_epochs x mini_batches optimizer steps over the packed rows.
+
+    With `dp` (FSDP2 over ranks) `rows` are this rank's rows; every mini-batch's loss is normalised by the
+    global token count and gradients are summed over ranks, so the update equals one process training on
+    all ranks' rows. A rank with fewer rows in a mini-batch runs zero-weighted passes over one of its rows,
+    because every rank must run as many FSDP2 forwards/backwards (they are collectives). `old_policy`: the
+    module that recomputes old log-probs (the rollout replica under FSDP2; default: `model`)."""
     budget = cfg.train.logprob_tokens_budget
     if cfg.rl.recompute_old_logprobs:
         for row in rows:
-            row.token_fields["old_logprobs"] = budgeted_logprobs(model, row, cfg.rollout.temperature or 1.0, budget)
+            row.token_fields["old_logprobs"] = budgeted_logprobs(old_policy or model, row, cfg.rollout.temperature or 1.0, budget)
     if cfg.rl.kl_coef > 0 and hasattr(ref_model, "row_logprobs"):
         # All reference log-probs up front: a CPU-parked reference visits the device once, before any
         # training activations exist; with LoRA it is the policy itself with adapters off.
@@ -176,37 +210,53 @@ def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg
         _, tok_adv = group_advantages(rewards, gids, cu_seqlens=row.cu_seqlens, loss_mask=row.loss_mask,
                                       seq_ids=row.seq_ids, norm=cfg.rl.adv_norm)
         advs.append(tok_adv)
-    n_mb = max(1, min(cfg.rl.mini_batches, len(rows)))
-    acc: dict[str, list[float]] = defaultdict(list)
+    n_mb = min(all_gather_ints(max(1, min(cfg.rl.mini_batches, len(rows)))))
+    # metrics as (weighted sum, weight): the kernel's per-row means are weighted by the row's trained tokens,
+    # so the logged mean does not depend on how episodes were packed into rows or spread over ranks
+    acc: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    loss_sum = 0.0
     for _epoch in range(cfg.rl.ppo_epochs):
         for mb in range(n_mb):
             idx = list(range(mb, len(rows), n_mb))
-            n_tok = float(sum(int(rows[i].loss_mask.sum()) for i in idx))
-            n_seq = sum(int(rows[i].seq_ids.numel()) for i in idx)
+            n_tok = all_sum(sum(int(rows[i].loss_mask.sum()) for i in idx))
+            n_seq = all_sum(sum(int(rows[i].seq_ids.numel()) for i in idx))
             if n_tok == 0:
                 continue
-            for i in idx:
-                loss, metrics = policy_loss(model, rows[i], advs[i], cfg, n_tok, ref_model)
+            passes = max(all_gather_ints(len(idx)))
+            for j in range(passes):
+                i = idx[min(j, len(idx) - 1)]
+                if dp is None:
+                    loss, metrics = policy_loss(model, rows[i], advs[i], cfg, n_tok, ref_model)
+                else:
+                    dp.set_sync(j == passes - 1)  # reduce-scatter once per mini-batch, after its last pass
+                    loss, metrics = dp.call(policy_loss, rows[i], advs[i], cfg, n_tok, ref_model)
                 # token-mean is already normalised by the mini-batch's token count; seq-mean modes are
                 # per-row means, weighted here by the row's share of sequences.
                 scale = 1.0 if cfg.rl.loss_agg == "token-mean" else rows[i].seq_ids.numel() / n_seq
+                if j >= len(idx):
+                    scale = 0.0  # a padding pass (see the docstring)
                 (loss * scale).backward()
-                acc["loss"].append(float(loss.detach()) * scale)
-                for k, v in metrics.items():
-                    acc[k].append(float(v))
-            acc["grad_norm"].append(clip_and_step(model, opt, sched, cfg.optim.grad_clip))
-    out = {k: (float(np.sum(v)) if k == "loss" else float(np.mean(v))) for k, v in acc.items() if v}
-    if "loss" in out:
-        out["loss"] /= max(1, cfg.rl.ppo_epochs * n_mb)
+                if j < len(idx):
+                    loss_sum += float(loss.detach()) * scale
+                    n_row = float(rows[i].loss_mask.sum())
+                    for k, v in metrics.items():
+                        acc[k][0] += float(v) * n_row
+                        acc[k][1] += n_row
+            norm = clip_and_step(model, opt, sched, cfg.optim.grad_clip) if dp is None else dp.clip_and_step(opt, sched, cfg.optim.grad_clip)
+            acc["grad_norm"][0] += norm
+            acc["grad_norm"][1] += 1
+    out = all_weighted_mean(acc)
+    if "grad_norm" in out:
+        out["loss"] = all_sum(loss_sum) / max(1, cfg.rl.ppo_epochs * n_mb)
     return out
 
 
 def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None, processor=None,
              rollouts: Rollouts | None = None, reward_fn=None, progress: bool | None = None) -> dict:
-    if env_world_size() > 1:
-        # Each rank would run the whole RL loop on its own and write the same out_dir: refuse, don't duplicate.
-        raise ValueError(f"RL under torchrun (WORLD_SIZE={env_world_size()}) is not supported yet: FSDP2 covers SFT "
-                         "only; run 'deepeyesv2 rl' as a single process")
+    """The RL loop. Under torchrun with > 1 ranks the policy is sharded with FSDP2 (deepeyesv2.distributed)
+    and each rank keeps a full, frozen replica of the weights for its rollout engine (what a colocated
+    SGLang/vLLM engine holds too), refreshed by an all-gather after every update; each rank rolls out its
+    share of the step's prompts and trains on its own episodes."""
     torch.manual_seed(cfg.train.seed)
     if model is None:
         model, processor = build_model(cfg.model)
@@ -217,23 +267,37 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
     if not prompts:
         raise ValueError("no RL prompts")
     reward_fn = reward_fn or get_reward_fn(cfg.rl.reward)
-    own_rollouts = rollouts is None
     if is_lora(model) and cfg.rollout.engine == "sglang":
         raise ValueError("model.lora_rank > 0 with rollout.engine='sglang' is not supported (SGLang would need "
                          "merged weights each step); use rollout.engine='embedded'")
-    rollouts = rollouts or make_rollouts(unwrap_model(model), processor, cfg)
+    # The KL reference and the rollout replica are plain copies, taken before sharding.
     ref_model = make_reference(model, cfg.rl.kl_coef, cfg.rl.ref_on_cpu)
+    dp = None
+    rollout_model = unwrap_model(model)
+    if distributed.init_from_env():
+        rollout_model = copy.deepcopy(rollout_model).eval().requires_grad_(False)
+        dp = DataParallel.shard(model)
+    main = distributed.is_main()
+    show = (cfg.train.progress if progress is None else progress) and main
+    own_rollouts = rollouts is None
+    rollouts = rollouts or make_rollouts(rollout_model, processor, cfg, progress=show)
+    if dp is not None:
+        rollouts.engine.update_weights(rollout_model)  # a caller's engine was built on the now-sharded model
     opt, sched = build_train_optimizer(model, cfg.optim, cfg.train.steps * cfg.rl.ppo_epochs * cfg.rl.mini_batches)
     out = Path(cfg.train.out_dir)
     logger = MetricsLogger(out)
     step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)
     ckpt = latest_checkpoint(out) if cfg.train.resume else None
     if ckpt is not None:
-        step, state, _ = load_checkpoint(ckpt, model, opt, sched)
-        rollouts.engine.update_weights(unwrap_model(model))
-    logger.truncate_after(step)  # a fresh run (step 0) starts an empty metrics.jsonl
+        if dp is None:
+            step, state, _ = load_checkpoint(ckpt, model, opt, sched)
+        else:
+            step, state, _ = dp.load_checkpoint(ckpt, opt, sched)
+            dp.copy_weights_to(rollout_model)
+        rollouts.engine.update_weights(rollout_model)
+    if main:
+        logger.truncate_after(step)  # a fresh run (step 0) starts an empty metrics.jsonl
     order = ShuffledIterator(len(prompts), state)
-    show = cfg.train.progress if progress is None else progress
     bar = tqdm(total=cfg.train.steps, initial=step, desc="rl", disable=not show, dynamic_ncols=True)
     last: dict = {}
     try:
@@ -255,24 +319,32 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
             model.train()
             t1 = time.perf_counter()
             lr = sched.get_last_lr()[0]  # the rate this step's first update uses
-            upd = update_policy(model, opt, sched, rows, rewards, gids, cfg, ref_model)
+            upd = update_policy(model, opt, sched, rows, rewards, gids, cfg, ref_model, dp=dp,
+                                old_policy=rollout_model if dp is not None else None)
             t_train = time.perf_counter() - t1
             if callable(resume := getattr(rollouts.engine, "resume_memory", None)):
                 resume()
-            rollouts.engine.update_weights(unwrap_model(model))
+            if dp is not None:
+                dp.copy_weights_to(rollout_model)
+            rollouts.engine.update_weights(rollout_model)
             step += 1
-            trained = sum(int(r.loss_mask.sum()) for r in rows)
-            last = {"step": step, **rollout_metrics(groups), **upd, **ds, "lr": lr,
+            trained = int(all_sum(sum(int(r.loss_mask.sum()) for r in rows)))
+            episodes = [e for part in distributed.all_gather_objects(episode_summaries(groups)) for e in part]
+            engine = {k: v if dp is None else all_sum(v) for k, v in rollouts.engine_stats().items()}  # summed over ranks
+            last = {"step": step, **rollout_metrics(groups, episodes), **upd, **ds, "lr": lr,
                     "rollout_s": t_roll, "train_s": t_train, "trained_tokens": trained,
-                    "tokens_per_s": sum(r.num_tokens for r in rows) / max(t_train, 1e-9),
+                    "tokens_per_s": all_sum(sum(r.num_tokens for r in rows)) / max(t_train, 1e-9),
                     "generated_tokens_per_s": trained / max(t_roll, 1e-9),
-                    "peak_memory_gb": peak_memory_bytes() / 2**30, **rollouts.engine_stats()}
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    "peak_memory_gb": peak_memory_bytes() / 2**30, **engine}
+            if (step % cfg.train.log_every == 0 or step == cfg.train.steps) and main:
                 logger.log(last)
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", tools=f"{last['tool_call_rate']:.2f}")
             if step % cfg.train.save_every == 0 or step == cfg.train.steps:
-                save_checkpoint(out, step, model, processor, opt, sched, order.state, {"stage": "rl"})
+                if dp is None:
+                    save_checkpoint(out, step, model, processor, opt, sched, order.state, {"stage": "rl"})
+                else:
+                    dp.save_checkpoint(out, step, processor, opt, sched, order.state, {"stage": "rl"})
     finally:
         bar.close()
         logger.close()

@@ -33,14 +33,23 @@ class Rollouts:
     required_tools: tuple[str, ...] = ("code", "search", "image_search")
     _offset: int = field(default=0, repr=False)
 
-    def run(self, prompts: list[PromptRecord], group_size: int, sampling: SamplingParams | None = None) -> list[Trajectory]:
-        """G episodes per prompt. Group ids are unique across calls (refills never merge groups)."""
+    def run(self, prompts: list[PromptRecord], group_size: int, sampling: SamplingParams | None = None, *,
+            slice_start: int = 0, round_size: int | None = None) -> list[Trajectory]:
+        """G episodes per prompt. Group ids are unique across calls (refills never merge groups).
+
+        A data-parallel rank runs only its slice of a round of `round_size` prompts, starting at `slice_start`:
+        its seeds and group ids are those the prompts would get in one call over the whole round, so the ranks
+        together sample what a single process would."""
+        round_size = len(prompts) if round_size is None else round_size
         sp = sampling or self.sampling
         sp = SamplingParams(**{**sp.__dict__, "seed": self.seed + self._offset})
-        trajs = run_episodes(self.engine, self.processor, self.registry, [to_prompt(p) for p in prompts], group_size,
-                             sp, self.limits, pool=self.pool, progress=self.progress,
-                             required_tools=self.required_tools, group_id_offset=self._offset)
-        self._offset += len(prompts)
+        trajs = []
+        if prompts:
+            trajs = run_episodes(self.engine, self.processor, self.registry, [to_prompt(p) for p in prompts], group_size,
+                                 sp, self.limits, pool=self.pool, progress=self.progress,
+                                 required_tools=self.required_tools, group_id_offset=self._offset + slice_start,
+                                 seed_index_offset=slice_start * group_size)
+        self._offset += round_size
         return trajs
 
     def start_step(self, seed: int) -> None:

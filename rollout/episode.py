@@ -267,10 +267,15 @@ def run_episodes(
     session_factory: Callable[[list[Image.Image]], Any] | None = None,
     required_tools: tuple[str, ...] = PROTOCOL_TOOLS,
     group_id_offset: int = 0,
+    seed_index_offset: int = 0,
     max_tool_workers: int = 8,
 ) -> list[Trajectory]:
     """Roll out `group_size` episodes per prompt. Returns trajectories prompt-major (group g = prompts[g],
-    group_id = group_id_offset + g), samples in order within a group."""
+    group_id = group_id_offset + g), samples in order within a group.
+
+    Episode i's sampling seed derives from (sampling.seed, seed_index_offset + i): a caller that splits one
+    batch of prompts over several calls (data-parallel ranks) passes each slice's first episode index and
+    samples exactly what one call over the whole batch would."""
     from tqdm.auto import tqdm
 
     if group_size < 1:
@@ -291,7 +296,7 @@ def run_episodes(
         with ThreadPoolExecutor(max_workers=max(1, max_tool_workers)) as workers:
             while True:
                 live = [(i, ep) for i, ep in enumerate(episodes) if not ep.done]
-                reqs = [(ep, ep.request(sampling, limits, i)) for i, ep in live]
+                reqs = [(ep, ep.request(sampling, limits, seed_index_offset + i)) for i, ep in live]
                 reqs = [(ep, r) for ep, r in reqs if r is not None]
                 if not reqs:
                     break

@@ -200,13 +200,3 @@ def test_rollout_metrics_keys(step):
     assert m["tool_call_rate"] == pytest.approx(1 / 8) and m["tool_success_rate"] == 1.0
     assert m["answered_rate"] == 1.0 and m["reward_accuracy"] == pytest.approx(3 / 8)
     assert {"response_length", "num_turns", "tool_calls_per_episode"} <= m.keys()
-
-
-def test_rl_under_torchrun_is_refused_with_a_clear_error(monkeypatch):
-    """RL is single-process for now: under torchrun every rank would run the whole loop into one out_dir."""
-    from deepeyesv2.config import Config
-    from deepeyesv2.rl import train_rl
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="WORLD_SIZE=2.*single process"):
-        train_rl(Config())
