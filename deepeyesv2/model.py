@@ -16,6 +16,7 @@ from deepeyesv2_rollout.qwen import embed_inputs
 
 from .attention import impl_name, register_varlen_attention
 from .packing import PackedBatch
+from .precision import resolve_device
 
 TINY_PROCESSOR_DIR = Path(__file__).parent / "assets" / "tiny_processor"
 
@@ -46,6 +47,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_backend: str = "sdpa"  # sdpa | flash | xformers (see deepeyesv2.attention)
     seed: int = 0
+    device: str = "auto"  # auto = this process's GPU if there is one, else cpu (deepeyesv2.precision)
     freeze_vision: bool = True
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
     lora_rank: int = 0  # > 0: train LoRA adapters on the text model only (see deepeyesv2.lora); 0 = full fine-tune
@@ -93,6 +95,7 @@ def build_model(cfg: ModelConfig | None = None, processor: ChatProcessor | None 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
     if dtype is None:
         raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    device = resolve_device(cfg.device)  # a bad device fails before any weights are built
     processor = processor or load_processor(cfg.name_or_path)
     register_varlen_attention()
     # The vision tower keeps SDPA (it has its own per-image cu_seqlens); the text model gets varlen.
@@ -111,6 +114,7 @@ def build_model(cfg: ModelConfig | None = None, processor: ChatProcessor | None 
                 f"nor a local checkpoint directory with a config.json"
             )
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), attn_implementation=attn, dtype=dtype)
+    model.to(device)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:

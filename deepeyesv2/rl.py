@@ -44,6 +44,7 @@ from .memory import budgeted_logprobs, build_train_optimizer
 from .model import build_model, packed_hidden, unwrap_model
 from .optim import clip_and_step
 from .packing import PackedBatch, Sample, pack_by_budget
+from .precision import amp
 from .rewards import RewardResult, get_reward_fn, overlong_penalty, reward_input_from_trajectory, score
 from .reference import make_reference
 from .rollouts import Rollouts, make_rollouts
@@ -197,14 +198,18 @@ def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg
     because every rank must run as many FSDP2 forwards/backwards (they are collectives). `old_policy`: the
     module that recomputes old log-probs (the rollout replica under FSDP2; default: `model`)."""
     budget = cfg.train.logprob_tokens_budget
+    autocast = amp(cfg.train.autocast, old_policy or model)
     if cfg.rl.recompute_old_logprobs:
         for row in rows:
-            row.token_fields["old_logprobs"] = budgeted_logprobs(old_policy or model, row, cfg.rollout.temperature or 1.0, budget)
+            with autocast():
+                row.token_fields["old_logprobs"] = budgeted_logprobs(old_policy or model, row, cfg.rollout.temperature or 1.0, budget)
     if cfg.rl.kl_coef > 0 and hasattr(ref_model, "row_logprobs"):
         # All reference log-probs up front: a CPU-parked reference visits the device once, before any
         # training activations exist; with LoRA it is the policy itself with adapters off.
-        for row, lp in zip(rows, ref_model.row_logprobs(rows, cfg.rollout.temperature or 1.0, budget)):
-            row.token_fields["ref_logprobs"] = lp
+        with autocast():
+            ref_lps = ref_model.row_logprobs(rows, cfg.rollout.temperature or 1.0, budget)
+        for row, lp in zip(rows, ref_lps):
+            row.token_fields["ref_logprobs"] = lp.float()
     advs = []
     for row in rows:
         _, tok_adv = group_advantages(rewards, gids, cu_seqlens=row.cu_seqlens, loss_mask=row.loss_mask,
@@ -225,11 +230,13 @@ def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg
             passes = max(all_gather_ints(len(idx)))
             for j in range(passes):
                 i = idx[min(j, len(idx) - 1)]
-                if dp is None:
-                    loss, metrics = policy_loss(model, rows[i], advs[i], cfg, n_tok, ref_model)
-                else:
+                if dp is not None:
                     dp.set_sync(j == passes - 1)  # reduce-scatter once per mini-batch, after its last pass
-                    loss, metrics = dp.call(policy_loss, rows[i], advs[i], cfg, n_tok, ref_model)
+                with autocast():
+                    if dp is None:
+                        loss, metrics = policy_loss(model, rows[i], advs[i], cfg, n_tok, ref_model)
+                    else:
+                        loss, metrics = dp.call(policy_loss, rows[i], advs[i], cfg, n_tok, ref_model)
                 # token-mean is already normalised by the mini-batch's token count; seq-mean modes are
                 # per-row means, weighted here by the row's share of sequences.
                 scale = 1.0 if cfg.rl.loss_agg == "token-mean" else rows[i].seq_ids.numel() / n_seq

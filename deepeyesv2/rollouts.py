@@ -13,6 +13,7 @@ from deepeyesv2_rollout.types import SamplingParams, Trajectory
 
 from .config import Config
 from .data import PromptRecord
+from .precision import autocast_dtype
 
 
 def to_prompt(rec: PromptRecord) -> Prompt:
@@ -67,7 +68,9 @@ class Rollouts:
 
 def make_engine(model, processor, cfg: Config):
     if cfg.rollout.engine == "embedded":
-        return EmbeddedEngine(model, processor, cache_tokens_budget=cfg.rollout.cache_tokens)
+        p = next(model.parameters())
+        return EmbeddedEngine(model, processor, cache_tokens_budget=cfg.rollout.cache_tokens,
+                              autocast_dtype=autocast_dtype(cfg.train.autocast, p.device, p.dtype))
     if cfg.rollout.engine == "sglang":
         from deepeyesv2_rollout.sglang_engine import SGLangEngine
 

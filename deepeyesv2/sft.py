@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .model import build_model
 from .memory import build_train_optimizer
 from .optim import clip_and_step
 from .packing import PackedBatch, Sample, pack_by_budget
+from .precision import amp
 
 
 def epoch_rows(samples: list[Sample], budget: int, image_token_id: int, seed: int, epoch: int) -> list[PackedBatch]:
@@ -36,23 +38,23 @@ def epoch_rows(samples: list[Sample], budget: int, image_token_id: int, seed: in
     return rows
 
 
-def sft_step(model, rows: list[PackedBatch], dp: "distributed.DataParallel | None" = None) -> tuple[float, int]:
+def sft_step(model, rows: list[PackedBatch], dp: "distributed.DataParallel | None" = None, autocast=nullcontext) -> tuple[float, int]:
     """Forward+backward over the rows of one optimizer step. Returns (mean NLL, trained tokens).
 
     With `dp` (FSDP2 over ranks) `rows` is the whole step's rows on every rank: each rank runs its share,
     and the loss is divided by the step's global token count (counted from the full `rows`, identical on
-    every rank, so no all-reduce is needed) -- with summed gradients that equals the single-process step."""
+    every rank, so no all-reduce is needed) -- with summed gradients that equals the single-process step.
+    `autocast`: a factory of the forward's precision context (deepeyesv2.precision.amp)."""
     n_tok = sum(int(r.loss_mask.sum()) for r in rows)
     if n_tok == 0:
         raise ValueError("an SFT step with no trained tokens: every assistant turn is masked or empty")
     mine = rows if dp is None else dp.local_rows(rows)
     total = 0.0
     for i, row in enumerate(mine):
-        if dp is None:
-            logp, _ = packed_logprobs(model, row)
-        else:
+        if dp is not None:
             dp.set_sync(i == len(mine) - 1)  # reduce-scatter once per step, after the last row
-            logp, _ = dp.logprobs(row)
+        with autocast():
+            logp, _ = packed_logprobs(model, row) if dp is None else dp.logprobs(row)
         loss = -logp.sum() / n_tok
         loss.backward()
         total += float(loss.detach())
@@ -76,6 +78,7 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
     steps_per_epoch = max(1, len(rows0) // rows_per_step)
     total_steps = min(cfg.train.steps, steps_per_epoch * cfg.train.epochs)
     opt, sched = build_train_optimizer(model, cfg.optim, total_steps)
+    autocast = amp(cfg.train.autocast, model)
     out = Path(cfg.train.out_dir)
     logger = MetricsLogger(out)
     step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)
@@ -95,7 +98,7 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
             rows = epoch_rows(samples, cfg.train.tokens_per_batch, image_token_id, cfg.train.seed, state.epoch)
         batch = rows[state.position : state.position + rows_per_step]
         t0 = time.perf_counter()
-        loss, n_tok = sft_step(model, batch, dp)
+        loss, n_tok = sft_step(model, batch, dp, autocast)
         lr = sched.get_last_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
         grad_norm = clip_and_step(model, opt, sched, cfg.optim.grad_clip) if dp is None else dp.clip_and_step(opt, sched, cfg.optim.grad_clip)
         dt = time.perf_counter() - t0

@@ -35,6 +35,7 @@ from .logprobs_torch import (
     chunk_stats,
     chunk_tokens,
     dlogits_,
+    own_precision,
     valid_tokens,
     validate_logprobs_inputs,
 )
@@ -84,6 +85,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
     """Forward computes loss, log-probs, entropy and the parameter gradients; backward scales the gradients."""
 
     @staticmethod
+    @own_precision
     def forward(ctx, hidden, weight, bias, targets, valid, w, old, adv, ref, temperature, cfg, backend):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         T = hidden.shape[0]
@@ -114,6 +116,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         return loss, logp, entropy
 
     @staticmethod
+    @own_precision
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         grads = [g.mul_(grad_loss.to(g.dtype)) if has else None for g, has in zip(ctx.saved_tensors, ctx.has)]
         return (*grads, None, None, None, None, None, None, None, None, None)

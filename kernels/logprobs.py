@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .logprobs_torch import chunked_logprobs, finish_forward, upstream_grads, valid_tokens, validate_logprobs_inputs
+from .logprobs_torch import chunked_logprobs, finish_forward, own_precision, upstream_grads, valid_tokens, validate_logprobs_inputs
 
 try:  # Triton is optional: without it every call goes to the chunked torch path.
     import triton
@@ -379,6 +379,7 @@ def apply_dlogits_chunk(
 
 class TritonLogprobsFunction(torch.autograd.Function):
     @staticmethod
+    @own_precision
     def forward(ctx, hidden, weight, bias, targets, valid, temperature, compute_entropy, entropy_grad):
         inv_temp = 1.0 / temperature
         logp, entropy, lse = triton_logprob_stats(hidden, weight, bias, targets, inv_temp, compute_entropy)
@@ -386,6 +387,7 @@ class TritonLogprobsFunction(torch.autograd.Function):
                               compute_entropy, entropy_grad)
 
     @staticmethod
+    @own_precision
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]

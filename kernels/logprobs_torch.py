@@ -31,6 +31,8 @@ logit gradient in the forward pass (3 matrix products instead of 4).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -444,6 +446,22 @@ def tiled_backward(
     return grad_h, grad_w, grad_b
 
 
+def own_precision(fn):
+    """For an autograd Function's forward/backward: run with any enclosing autocast switched off. The kernels
+    pick their own precision (matmuls in the inputs' dtype, fp32 logits and statistics); autocast would
+    re-type the matmuls of their chunk loops and break the in-place fp32 accumulators."""
+
+    @functools.wraps(fn)
+    def wrapped(ctx, *args):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cuda", "cpu"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(ctx, *args)
+
+    return wrapped
+
+
 def finish_forward(ctx, valid, logp, entropy, lse, saved: tuple, inv_temp: float, compute_entropy: bool,
                    entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward epilogue both autograd wrappers share: zero logp [T] / entropy [T] on invalid tokens, save
@@ -471,6 +489,7 @@ class ChunkedLogprobsFunction(torch.autograd.Function):
     """Autograd wrapper: forward keeps only [T] statistics, backward recomputes logits tile by tile."""
 
     @staticmethod
+    @own_precision
     def forward(ctx, hidden, weight, bias, targets, valid, temperature, compute_entropy, entropy_grad):
         inv_temp = 1.0 / temperature
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
@@ -479,6 +498,7 @@ class ChunkedLogprobsFunction(torch.autograd.Function):
                               compute_entropy, entropy_grad)
 
     @staticmethod
+    @own_precision
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, safe_targets, valid, lse, entropy = ctx.saved_tensors
         g_lp, g_ent = upstream_grads(ctx, valid, grad_logp, grad_entropy)

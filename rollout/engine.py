@@ -170,12 +170,15 @@ class EmbeddedEngine:
 
     model: Qwen2_5_VLForConditionalGeneration (any dtype/device); processor: the ChatProcessor its
     tokenizer belongs to. Weights are shared with the trainer: `update_weights(model)` only re-points and
-    drops the cache, whose K/V came from the old weights.
+    drops the cache, whose K/V came from the old weights. `autocast_dtype` (e.g. torch.bfloat16): sample
+    under autocast, K/V kept in that dtype -- the trainer passes the precision its forward passes use.
     """
 
-    def __init__(self, model: Any, processor: ChatProcessor, cache_tokens_budget: int = 65536):
+    def __init__(self, model: Any, processor: ChatProcessor, cache_tokens_budget: int = 65536,
+                 autocast_dtype: torch.dtype | None = None):
         self.model = model
         self.processor = processor
+        self.autocast_dtype = autocast_dtype
         self.cache = RadixCache(cache_tokens_budget)
         self._stats = dict(tokens_prefilled=0, tokens_cached=0, tokens_decoded=0, requests=0, forward_calls=0)
 
@@ -198,6 +201,12 @@ class EmbeddedEngine:
     def generate(self, requests: list[GenerateRequest], sampling: SamplingParams) -> list[GenerateResult]:
         if not requests:
             return []
+        if self.autocast_dtype is None:
+            return self._generate(requests, sampling)
+        with torch.autocast(self.model.lm_head.weight.device.type, dtype=self.autocast_dtype):
+            return self._generate(requests, sampling)
+
+    def _generate(self, requests: list[GenerateRequest], sampling: SamplingParams) -> list[GenerateResult]:
         stopper = StopChecker(self.processor, sampling.stop)
         lm = self.model.model.language_model
         cfg = lm.config
@@ -205,7 +214,7 @@ class EmbeddedEngine:
         hk = cfg.num_key_value_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         device = self.model.lm_head.weight.device
-        dtype = self.model.lm_head.weight.dtype
+        dtype = self.autocast_dtype or self.model.lm_head.weight.dtype
 
         seqs, positions = [], []
         for i, req in enumerate(requests):

@@ -149,6 +149,43 @@ def _check_on_policy(backend, device):
     torch.testing.assert_close(loss, -(adv * valid).sum() / valid.sum(), rtol=1e-6, atol=1e-6)
 
 
+@needs_triton
+def test_triton_enclosing_autocast_changes_nothing():
+    _check_enclosing_autocast("triton")
+
+
+def test_torch_enclosing_autocast_changes_nothing():
+    _check_enclosing_autocast("torch")
+
+
+def _check_enclosing_autocast(backend):
+    """A trainer's bf16 autocast around the call must not re-type the kernels' own matmuls (fp32 accumulators
+    updated in place): the loss, the log-probs and both gradients are bit-identical with and without it."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    batch = _batch(device)
+    kw = dict(ref_logprobs=batch[7], kl_coef=0.1, entropy_coef=0.01)
+    fn = lambda *a, **k: fused_linear_grpo_loss(*a, backend=backend, **k)  # noqa: E731
+    plain = _loss_and_grads(fn, batch, **kw)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        auto = _loss_and_grads(fn, batch, **kw)
+    for a, b in zip((plain[0], plain[2], plain[3]), (auto[0], auto[2], auto[3])):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    hidden, weight, targets = batch[:3]
+    with torch.no_grad():
+        lp = fused_logprobs(hidden, weight, targets, backend=backend)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            lp_auto = fused_logprobs(hidden, weight, targets, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(lp, lp_auto))
+    hidden.grad = None
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        logp, _ = fused_logprobs(hidden, weight, targets, backend=backend)
+    logp.sum().backward()  # the backward too (called outside the region here, inside by some trainers)
+    g_auto = hidden.grad.clone()
+    hidden.grad = None
+    fused_logprobs(hidden, weight, targets, backend=backend)[0].sum().backward()
+    assert torch.equal(hidden.grad, g_auto)
+
+
 def test_interpreter_subprocess():
     """Run this file's Triton tests in a fresh process with TRITON_INTERPRET=1 (when they could not run here)."""
     if TRITON_DEVICE is not None:
@@ -161,7 +198,7 @@ def test_interpreter_subprocess():
     )
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    assert f"{len(CASES) + 3} passed" in proc.stdout and "skipped" not in proc.stdout, tail
+    assert f"{len(CASES) + 4} passed" in proc.stdout and "skipped" not in proc.stdout, tail
 
 
 # --------------------------------------------------------------------------------------------- references

@@ -1,0 +1,132 @@
+"""Device placement and bf16 autocast (mixed precision with fp32 weights). On the CPU `train.autocast: bf16`
+forces what `auto` does on a GPU, so the same code paths run here: the SFT step, the RL update and the
+embedded engine's sampling all compute in bf16 while weights and gradients stay fp32."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepeyesv2.config import Config
+from deepeyesv2.model import ModelConfig, build_model
+from deepeyesv2.packing import Sample, pack
+from deepeyesv2.precision import amp, autocast_dtype, resolve_device
+from deepeyesv2.rl import update_policy
+from deepeyesv2.optim import build_optimizer
+from deepeyesv2.sft import sft_step
+from deepeyesv2_rollout.chat import render_chat
+from deepeyesv2_rollout.engine import EmbeddedEngine
+from deepeyesv2_rollout.types import GenerateRequest, SamplingParams
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's choices")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model(ModelConfig())
+
+
+def _image(seed):
+    return Image.fromarray((np.random.RandomState(seed).rand(56, 84, 3) * 255).astype("uint8"))
+
+
+def make_row(proc, image_token_id, seed=0):
+    samples = []
+    for i in range(3):
+        imgs = [_image(seed + i)] if i == 0 else []
+        msgs = [{"role": "user", "content": "<image>" * len(imgs) + f"how many squares, {i}?"},
+                {"role": "assistant", "content": f"<think>count</think><answer>{i + 2}</answer>"}]
+        r = render_chat(proc, msgs, imgs, name=f"s{i}")
+        samples.append(Sample(torch.tensor(r.token_ids), torch.tensor(r.loss_mask), r.pixel_values, r.image_grid_thw,
+                              name=f"s{i}", token_fields={"old_logprobs": torch.full((len(r.token_ids),), -6.0)}))
+    return pack(samples, image_token_id)
+
+
+@no_cuda
+def test_device_resolution():
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="model.device='gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        build_model(ModelConfig(device="cuda:0"))
+
+
+def test_autocast_choices():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert autocast_dtype("auto", cuda, torch.float32) is torch.bfloat16
+    assert autocast_dtype("auto", cpu, torch.float32) is None  # CPUs: fp32 unless asked
+    assert autocast_dtype("bf16", cpu, torch.float32) is torch.bfloat16
+    assert autocast_dtype("auto", cuda, torch.bfloat16) is None  # bf16 weights compute in bf16 anyway
+    assert autocast_dtype("off", cuda, torch.float32) is None
+    with pytest.raises(ValueError, match="train.autocast must be one of"):
+        autocast_dtype("fp8", cpu, torch.float32)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_sft_step_under_bf16_autocast(tiny):
+    """bf16 autocast: the loss and gradients are close to fp32's but not equal (it really ran in bf16), and
+    weights and gradients stay fp32."""
+    model, proc = tiny
+    row = make_row(proc, model.config.image_token_id)
+    assert amp("auto", model) is nullcontext  # fp32 on CPU by default
+    out = {}
+    for mode in ("off", "bf16"):
+        model.zero_grad(set_to_none=True)
+        loss, n_tok = sft_step(model, [row], autocast=amp(mode, model))
+        out[mode] = (loss, _grads(model))
+    model.zero_grad(set_to_none=True)
+    (l32, g32), (l16, g16) = out["off"], out["bf16"]
+    assert l16 != l32 and l16 == pytest.approx(l32, rel=2e-2)
+    assert g16.keys() == g32.keys() and all(g.dtype == torch.float32 for g in g16.values())
+    for name, g in g32.items():  # bf16 rounding: ~0.5% relative error in every gradient, never zero
+        rel = float((g16[name] - g).norm() / g.norm())
+        assert 1e-4 < rel < 5e-2, f"{name}: relative gradient difference {rel}"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_rl_update_under_bf16_autocast():
+    """The RL update (recomputed old log-probs, KL reference, fused GRPO loss) under bf16 autocast: same
+    metrics as fp32 within bf16 error, and an fp32 optimizer step."""
+    cfg = Config()
+    cfg.rl.recompute_old_logprobs, cfg.rl.kl_coef, cfg.train.autocast = True, 0.05, "bf16"
+    from deepeyesv2.reference import make_reference
+
+    res = {}
+    for mode in ("off", "bf16"):
+        model, proc = build_model(ModelConfig())
+        cfg.train.autocast = mode
+        opt, sched = build_optimizer(model, cfg.optim, 10)
+        row = make_row(proc, model.config.image_token_id, seed=3)
+        res[mode] = update_policy(model, opt, sched, [row], torch.tensor([1.0, 0.0, 0.5]), torch.zeros(3, dtype=torch.long),
+                                  cfg, make_reference(model, cfg.rl.kl_coef))
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    a, b = res["off"], res["bf16"]
+    assert a["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and b["ratio_mean"] == pytest.approx(1.0, abs=1e-2)
+    assert b["grad_norm"] != a["grad_norm"] and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2)
+    assert b["entropy"] == pytest.approx(a["entropy"], rel=2e-2)
+
+
+def test_engine_samples_under_bf16_autocast(tiny):
+    """Teacher-forced log-probs from the engine under bf16 autocast (bf16 K/V) track fp32's closely."""
+    model, proc = tiny
+    model.eval()
+    r = render_chat(proc, [{"role": "user", "content": "<image>how many?"}], [_image(7)], add_generation_prompt=True)
+    forced = proc.encode("<think>count them</think><answer>3</answer>")
+    req = GenerateRequest(r.token_ids, r.pixel_values, r.image_grid_thw, forced_tokens=forced)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=len(forced))
+    (o32,) = EmbeddedEngine(model, proc).generate([req], sp)
+    (o16,) = EmbeddedEngine(model, proc, autocast_dtype=torch.bfloat16).generate([req], sp)
+    assert o16.token_ids == o32.token_ids == forced[: len(o32.token_ids)]
+    lp32, lp16 = torch.tensor(o32.logprobs), torch.tensor(o16.logprobs)
+    assert not torch.equal(lp32, lp16)
+    torch.testing.assert_close(lp16, lp32, atol=0.1, rtol=0.05)
