@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from deepeyesv2_rollout.engine import EmbeddedEngine
@@ -13,6 +14,7 @@ from deepeyesv2_rollout.types import SamplingParams, Trajectory
 
 from .config import Config
 from .data import PromptRecord
+from .model import PRESETS
 from .precision import autocast_dtype
 
 
@@ -64,6 +66,20 @@ class Rollouts:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+        if callable(shutdown := getattr(self.engine, "shutdown", None)):
+            shutdown()  # SGLang: its scheduler processes and GPU pools
+
+
+def sglang_model_dir(model, processor, cfg: Config) -> str:
+    """The checkpoint directory SGLang starts from: model.name_or_path, or for a preset (random weights, no
+    directory) the model and processor written to out_dir/sglang_init."""
+    if cfg.model.name_or_path not in PRESETS:
+        return cfg.model.name_or_path
+    path = Path(cfg.train.out_dir) / "sglang_init"
+    model.save_pretrained(str(path), safe_serialization=True)
+    processor.tokenizer.save_pretrained(str(path))
+    processor.image_processor.save_pretrained(str(path))
+    return str(path)
 
 
 def make_engine(model, processor, cfg: Config):
@@ -74,7 +90,9 @@ def make_engine(model, processor, cfg: Config):
     if cfg.rollout.engine == "sglang":
         from deepeyesv2_rollout.sglang_engine import SGLangEngine
 
-        return SGLangEngine(model_path=cfg.model.name_or_path, processor=processor)
+        engine = SGLangEngine(model_path=sglang_model_dir(model, processor, cfg), processor=processor)
+        engine.update_weights(model)  # the policy may already differ from the directory SGLang loaded
+        return engine
     raise ValueError(f"rollout.engine must be 'embedded' or 'sglang', got {cfg.rollout.engine!r}")
 
 

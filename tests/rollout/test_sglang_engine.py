@@ -220,3 +220,43 @@ def test_missing_sglang_or_cuda_is_a_one_line_error(tiny, monkeypatch):
     monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
     with pytest.raises(RuntimeError, match="SGLANG_RETURN_ORIGINAL_LOGPROB"):
         SGLangEngine(None, proc, engine=object())
+
+
+def test_trainer_starts_sglang_from_a_directory_with_the_policys_weights(tiny, monkeypatch, tmp_path):
+    """rollout.engine=sglang with the tiny preset: SGLang gets a real checkpoint directory (the preset has
+    none), the policy's current weights are pushed before the first rollout, and closing the rollouts shuts
+    SGLang's processes down."""
+    from deepeyesv2.config import Config
+    from deepeyesv2.rollouts import make_rollouts
+
+    model, proc = tiny
+    started = []
+
+    class StubEngine:
+        def __init__(self, model_path, **kwargs):
+            started.append((model_path, kwargs))
+            self.calls = []
+
+        def update_weights_from_tensor(self, bucket, flush_cache):
+            self.calls.append(("update", [n for n, _ in bucket], flush_cache))
+
+        def shutdown(self):
+            self.calls.append(("shutdown",))
+
+    sgl = types.ModuleType("sglang")
+    sgl.Engine = StubEngine
+    monkeypatch.setitem(sys.modules, "sglang", sgl)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = Config()
+    cfg.rollout.engine, cfg.rollout.sandbox_workers, cfg.train.out_dir = "sglang", 0, str(tmp_path)
+    rollouts = make_rollouts(model, proc, cfg, progress=False)
+    (path, kwargs), = started
+    assert path == str(tmp_path / "sglang_init") and kwargs == {"enable_memory_saver": True}
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert (tmp_path / "sglang_init" / f).is_file(), f
+    calls = rollouts.engine.engine.calls
+    pushed = [n for c in calls for n in c[1]]
+    assert pushed == [hf_to_checkpoint_name(n) for n, p in model.named_parameters() if p.requires_grad]
+    assert calls[-1][2] is True  # the last bucket flushes SGLang's prefix cache
+    rollouts.close()
+    assert calls[-1] == ("shutdown",)
