@@ -1,6 +1,13 @@
-"""One whole GRPO training step, ours vs TRL's GRPOTrainer (and TRL + Liger), on the same tiny Qwen2.5-VL, on CPU.
+"""One whole GRPO training step, ours vs TRL's GRPOTrainer (and TRL + Liger), on the same Qwen2.5-VL (CPU or GPU).
 
     python -m bench.e2e_grpo [--quick] [--steps N] [--only ours,trl,trl-liger]
+                             [--model tiny|DIR] [--engine auto|embedded|sglang] [--trl-vllm auto|on|off]
+
+The same script runs on a GPU machine: with CUDA, ours samples with SGLang (`--engine auto` picks it when
+`sglang` is installed, else the embedded engine) and trains under bf16 autocast on fp32 weights; TRL runs on
+the GPU with bf16 and samples with vLLM in colocate mode (`--trl-vllm auto`: when `vllm` is installed).
+`--model DIR` benchmarks a local Qwen2.5-VL checkpoint instead of the tiny random one (on a GPU the tiny
+model measures overheads, not kernels). The table's device column names the GPU or the CPU threads.
 
 The same task for every variant: the tiny random-weight Qwen2.5-VL of `deepeyesv2.model.build_model()` (vision
 tower frozen, fp32, SDPA), P counting prompts each with one 112x112 image and the DeepEyesV2 system prompt, G
@@ -46,6 +53,45 @@ class Setup:
     steps: int  # timed steps after one warm-up step
     image: int = 112  # px, square
     lr: float = 1e-6
+    model: str = "tiny"  # a deepeyesv2 preset or a local Qwen2.5-VL directory
+    engine: str = "embedded"  # ours: embedded | sglang
+    vllm: bool = False  # TRL: sample with vLLM (colocate)
+
+
+def resolve_backends(engine: str = "auto", vllm: str = "auto", cuda: bool | None = None) -> dict:
+    """{"cuda", "engine", "vllm"}: 'auto' picks SGLang / vLLM on a CUDA machine where they are installed, the
+    embedded engine / HF generate otherwise. An explicit choice is kept (a worker that cannot honour it fails
+    and its row says why)."""
+    import importlib.util
+
+    import torch
+
+    if engine not in ("auto", "embedded", "sglang"):
+        raise ValueError(f"--engine must be auto, embedded or sglang, got {engine!r}")
+    if vllm not in ("auto", "on", "off"):
+        raise ValueError(f"--trl-vllm must be auto, on or off, got {vllm!r}")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    has = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    if engine == "auto":
+        engine = "sglang" if cuda and has("sglang") else "embedded"
+    use_vllm = (cuda and has("vllm")) if vllm == "auto" else vllm == "on"
+    return {"cuda": cuda, "engine": engine, "vllm": use_vllm}
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that phase timings are real (a no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, bf16"
+    return f"CPU x{torch.get_num_threads()} threads, fp32"
 
 
 FULL = Setup(prompts=4, group=8, completion=64, steps=4)
@@ -84,7 +130,10 @@ def _ours_trainer(setup: Setup):
 
     torch.manual_seed(0)
     cfg = Config()
-    cfg.model = ModelConfig(name_or_path="tiny", freeze_vision=True)
+    # model.device / train.autocast stay 'auto': the GPU when there is one, bf16 autocast on it
+    cfg.model = ModelConfig(name_or_path=setup.model, freeze_vision=True)
+    cfg.rollout.engine, cfg.rollout.sglang_mem_fraction = setup.engine, ENGINE_MEM_FRACTION
+    cfg.train.out_dir = tempfile.mkdtemp(prefix="bench_e2e_ours_")  # SGLang's start directory for a preset
     cfg.rollout.max_turns = 1  # single turn: the task TRL can run too
     cfg.rollout.max_new_tokens = setup.completion
     cfg.rollout.temperature = 1.0
@@ -111,12 +160,18 @@ def _ours_trainer(setup: Setup):
         model.eval()
         rollouts.seed = 1000 + i
         groups, _ = collect_groups(rollouts, prompts, order, proc, reward_fn, cfg)
+        _sync()
         t_gen = time.perf_counter() - t0
         rows, rewards, gids = build_rows(groups, cfg.train.tokens_per_batch, proc)
         rollouts.engine.clear_cache()
+        if callable(release := getattr(rollouts.engine, "release_memory", None)):
+            release()  # as train_rl: SGLang's pools go back while the update runs
         model.train()
         update_policy(model, opt, sched, rows, rewards, gids, cfg)
+        if callable(resume := getattr(rollouts.engine, "resume_memory", None)):
+            resume()
         rollouts.engine.update_weights(model)
+        _sync()
         trajs = [t for g in groups for t in g.trajectories]
         return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "gen_seconds": t_gen,
                 "generated_tokens": sum(sum(t.loss_mask) for t in trajs),
@@ -141,6 +196,23 @@ def _image_only_processor(tokenizer, image_processor, chat_template: str):
                                         chat_template=chat_template)
 
 
+def trl_config_kwargs(setup: Setup, liger: bool, cuda: bool, output_dir: str) -> dict:
+    """GRPOConfig arguments for the same step as ours: DAPO loss, clip 0.2 / 0.28, no KL, constant LR, one
+    optimizer step per P x G completions. GPU: bf16 mixed precision and, with setup.vllm, vLLM colocated."""
+    import torch
+
+    kwargs = dict(output_dir=output_dir, use_cpu=not cuda, bf16=cuda, report_to=[], disable_tqdm=True,
+                  save_strategy="no", max_completion_length=setup.completion, num_generations=setup.group,
+                  per_device_train_batch_size=setup.prompts * setup.group, gradient_accumulation_steps=1,
+                  max_steps=1 + setup.steps, seed=0, beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
+                  temperature=1.0, top_p=1.0, learning_rate=setup.lr, lr_scheduler_type="constant",
+                  max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, use_liger_kernel=liger,
+                  model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"})
+    if setup.vllm:
+        kwargs.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=ENGINE_MEM_FRACTION)
+    return kwargs
+
+
 def _trl_trainer(setup: Setup, liger: bool):
     import warnings
 
@@ -149,17 +221,22 @@ def _trl_trainer(setup: Setup, liger: bool):
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from deepeyesv2.model import TINY_PROCESSOR_DIR, build_model
+    from deepeyesv2.model import PRESETS, TINY_PROCESSOR_DIR, ModelConfig, build_model, load_processor
     from deepeyesv2_rollout.protocol import SYSTEM_PROMPT
 
     torch.manual_seed(0)
     tmp = tempfile.mkdtemp(prefix="bench_e2e_grpo_")
-    model, chat = build_model()
-    model.set_attn_implementation("sdpa")  # TRL batches padded rows (our varlen attention wants packed ones)
-    model.save_pretrained(tmp)
-    del model
-    processor = _image_only_processor(chat.tokenizer, chat.image_processor,
-                                      (TINY_PROCESSOR_DIR / "chat_template.jinja").read_text())
+    cuda = torch.cuda.is_available()
+    if setup.model in PRESETS:  # TRL (and vLLM) load from a directory: write the preset's random weights
+        model, chat = build_model(ModelConfig(name_or_path=setup.model, device="cpu"))
+        model.set_attn_implementation("sdpa")  # TRL batches padded rows (our varlen attention wants packed ones)
+        model.save_pretrained(tmp)
+        del model
+        model_dir, template = tmp, (TINY_PROCESSOR_DIR / "chat_template.jinja").read_text()
+    else:
+        chat = load_processor(setup.model)
+        model_dir, template = setup.model, chat.tokenizer.chat_template
+    processor = _image_only_processor(chat.tokenizer, chat.image_processor, template)
     prompts = task_prompts(setup)
     columns = {
         "prompt": [[{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
@@ -174,35 +251,35 @@ def _trl_trainer(setup: Setup, liger: bool):
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             gen.clear()
+            _sync()
             self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
+            _sync()
             times.append({"seconds": time.perf_counter() - self.t0, "cpu_seconds": time.process_time() - self.c0, **gen})
 
     def reward(completions, **kwargs):
         return [text_reward(c[-1]["content"] if isinstance(c, list) else str(c)) for c in completions]
 
-    args = GRPOConfig(output_dir=tmp, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, save_strategy="no",
-                      max_completion_length=setup.completion, num_generations=setup.group,
-                      per_device_train_batch_size=per_step, gradient_accumulation_steps=1,
-                      max_steps=1 + setup.steps, seed=0, beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
-                      temperature=1.0, top_p=1.0, learning_rate=setup.lr, lr_scheduler_type="constant",
-                      max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, use_liger_kernel=liger,
-                      model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"})
+    args = GRPOConfig(**trl_config_kwargs(setup, liger, cuda, tmp))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = GRPOTrainer(model=tmp, reward_funcs=reward, args=args, processing_class=processor,
+        trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, processing_class=processor,
                               train_dataset=Dataset.from_dict({k: v * 64 for k, v in columns.items()}),
                               callbacks=[Timer()])
     trainer.model.model.visual.requires_grad_(False)  # as ours: vision frozen (the optimizer skips it)
     generate = trainer._generate_single_turn
 
     def timed_generate(prompt_ids, *a, **kw):
+        # HF generate and vLLM colocate both come through here (TRL 1.16): prompt ids in, completion ids first out
+        _sync()
         t0 = time.perf_counter()
-        completion_ids, logprobs = generate(prompt_ids, *a, **kw)
+        out = generate(prompt_ids, *a, **kw)
+        _sync()
+        completion_ids = out[0] if isinstance(out, tuple) else out
         gen.update(gen_seconds=time.perf_counter() - t0, generated_tokens=sum(len(c) for c in completion_ids),
                    prompt_tokens=len(prompt_ids[0]))
-        return completion_ids, logprobs
+        return out
 
     trainer._generate_single_turn = timed_generate
 
@@ -222,19 +299,31 @@ def _summary(steps: list[dict], base_kib: int) -> dict:
     import torch
 
     timed = steps[1:] or steps
+    cuda = {}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        cuda = {"peak_cuda_bytes": torch.cuda.max_memory_allocated(), "device_used_bytes": total - free}
     med = {k: statistics.median(s[k] for s in timed) for k in timed[0]}
     train_s = statistics.median(s["seconds"] - s["gen_seconds"] for s in timed)
     return {**med, "train_seconds": train_s, "min_seconds": min(s["seconds"] for s in timed),
             "generated_tok_s": statistics.median(s["generated_tokens"] / s["gen_seconds"] for s in timed),
             "trained_tok_s": statistics.median(s["generated_tokens"] / (s["seconds"] - s["gen_seconds"]) for s in timed),
             "peak_rss_growth_bytes": (rss_kib("VmHWM") - base_kib) * 1024, "peak_rss_bytes": rss_kib("VmHWM") * 1024,
-            "threads": torch.get_num_threads(), "steps_timed": len(timed)}
+            "threads": torch.get_num_threads(), "steps_timed": len(timed), "device": device_name(), **cuda}
+
+
+def _reset_cuda_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _worker(variant: str, setup: Setup) -> dict:
     if variant == "ours":
         step, close = _ours_trainer(setup)
         base = rss_baseline_kib()
+        _reset_cuda_peak()
         try:
             steps = [step(i) for i in range(1 + setup.steps)]
         finally:
@@ -243,6 +332,7 @@ def _worker(variant: str, setup: Setup) -> dict:
     if variant in ("trl", "trl-liger"):
         run_all = _trl_trainer(setup, liger=variant == "trl-liger")
         base = rss_baseline_kib()
+        _reset_cuda_peak()
         return _summary(run_all(), base)
     raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
 
@@ -275,23 +365,34 @@ METRICS = (  # key, label, formatter, better
     ("trained_tok_s", "GRPO trained tokens/s (update phase)", lambda x: f"{x:.0f}", "higher"),
     ("peak_rss_growth_bytes", "GRPO peak RSS growth", fmt_bytes, "lower"),
 )
+# On a GPU the memory that matters is the device's. SGLang runs in its own processes and vLLM in TRL's, so a
+# per-process allocator peak would not compare like with like: the row is the device memory in use after a
+# step, all processes (both engines reserve ENGINE_MEM_FRACTION of it for weights + KV cache).
+GPU_METRICS = (*METRICS[:4], ("device_used_bytes", "GRPO GPU memory in use after a step (all processes)", fmt_bytes, "lower"))
+ENGINE_MEM_FRACTION = 0.3
 
 
 def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...] = VARIANTS,
-         verbose: bool = True) -> list[dict]:
+         verbose: bool = True, model: str = "tiny", engine: str = "auto", trl_vllm: str = "auto") -> list[dict]:
     """Run each variant in its own subprocess; rows ours vs trl and ours vs trl-liger (ratio = ours / peer)."""
     setup = QUICK if quick else FULL
     if steps is not None:
         setup = replace(setup, steps=steps)
+    backends = resolve_backends(engine, trl_vllm)
+    setup = replace(setup, model=model, engine=backends["engine"], vllm=backends["vllm"])
     res = {}
     for v in variants:
         res[v] = _run_worker_subprocess(v, setup)
         if verbose:
             print(f"  e2e_grpo {v:9s} {res[v]}", file=sys.stderr, flush=True)
     ours = res.get("ours", {"error": "not run"})
-    device = f"CPU x{ours.get('threads', '?')} threads, fp32"
-    note = (f"tiny Qwen2.5-VL, P={setup.prompts} prompts x G={setup.group}, 1 turn <= {setup.completion} new tokens, "
-            f"1 image {setup.image}px; median of {setup.steps} steps after a warm-up")
+    device = ours.get("device") or next((r["device"] for r in res.values() if "device" in r), "?")
+    metrics = GPU_METRICS if backends["cuda"] else METRICS
+    engines = (f"; ours samples with {'SGLang' if setup.engine == 'sglang' else 'the embedded engine'}, "
+               f"TRL with {'vLLM (colocate)' if setup.vllm else 'HF generate'}")
+    note = (f"{'tiny' if setup.model == 'tiny' else setup.model} Qwen2.5-VL, P={setup.prompts} prompts x G={setup.group}, "
+            f"1 turn <= {setup.completion} new tokens, 1 image {setup.image}px; median of {setup.steps} steps after a "
+            f"warm-up{engines}")
     out = []
     for peer_name in [v for v in variants if v != "ours"]:
         peer = res[peer_name]
@@ -307,7 +408,7 @@ def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...
             continue
         time_note = (f"; prompt tokens ours {ours['prompt_tokens']:.0f} / TRL {peer['prompt_tokens']:.0f}"
                      f"; fastest step ours {fmt_seconds(ours['min_seconds'])} / TRL {fmt_seconds(peer['min_seconds'])}")
-        for key, name, fmt, better in METRICS:
+        for key, name, fmt, better in metrics:
             out.append(dict(benchmark=f"{name} (ours vs {label})", ours=fmt(ours[key]), peer=fmt(peer[key]),
                             ratio=ours[key] / peer[key] if peer[key] else None, device=device,
                             note=note + (time_note if key == "seconds" else ""), better=better))
@@ -340,6 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK}")
     parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up step")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants (ours always runs)")
+    parser.add_argument("--model", default="tiny", help="'tiny' or a local Qwen2.5-VL directory")
+    parser.add_argument("--engine", default="auto", choices=("auto", "embedded", "sglang"),
+                        help="our rollout engine (auto: SGLang on CUDA when installed)")
+    parser.add_argument("--trl-vllm", default="auto", choices=("auto", "on", "off"),
+                        help="TRL samples with vLLM colocate (auto: on CUDA when installed)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -350,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         parser.error(f"--only: unknown variant(s) {bad}; choose from {VARIANTS}")
-    print(markdown_table(rows(args.quick, args.steps, variants)))
+    print(markdown_table(rows(args.quick, args.steps, variants, model=args.model, engine=args.engine,
+                              trl_vllm=args.trl_vllm)))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ class TrainConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "embedded"  # embedded | sglang
+    sglang_mem_fraction: float = 0.4  # GPU share SGLang reserves for weights + KV cache (the trainer shares the GPU)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256  # per policy turn

@@ -90,7 +90,10 @@ def make_engine(model, processor, cfg: Config):
     if cfg.rollout.engine == "sglang":
         from deepeyesv2_rollout.sglang_engine import SGLangEngine
 
-        engine = SGLangEngine(model_path=sglang_model_dir(model, processor, cfg), processor=processor)
+        if not 0.0 < cfg.rollout.sglang_mem_fraction < 1.0:
+            raise ValueError(f"rollout.sglang_mem_fraction must be in (0, 1), got {cfg.rollout.sglang_mem_fraction}")
+        engine = SGLangEngine(model_path=sglang_model_dir(model, processor, cfg), processor=processor,
+                              mem_fraction_static=cfg.rollout.sglang_mem_fraction)
         engine.update_weights(model)  # the policy may already differ from the directory SGLang loaded
         return engine
     raise ValueError(f"rollout.engine must be 'embedded' or 'sglang', got {cfg.rollout.engine!r}")

@@ -121,3 +121,52 @@ def test_e2e_grpo_shared_task():
     assert len(prompts) == e2e.QUICK.prompts and all(p.images[0].size == (112, 112) for p in prompts)
     assert [e2e.text_reward("x" * n) for n in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 0.0]
     assert not math.isnan(e2e.text_reward("  padded  "))
+
+
+def test_e2e_grpo_backends_on_cpu_and_gpu(monkeypatch):
+    """auto picks SGLang / vLLM only on CUDA with the package installed; explicit choices are kept."""
+    import importlib.util
+
+    e2e = B.import_bench("bench.e2e_grpo")
+    assert e2e.resolve_backends("auto", "auto", cuda=False) == {"cuda": False, "engine": "embedded", "vllm": False}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("sglang", "vllm") else real(n, *a))
+    assert e2e.resolve_backends("auto", "auto", cuda=True) == {"cuda": True, "engine": "embedded", "vllm": False}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n in ("sglang", "vllm") else real(n, *a))
+    assert e2e.resolve_backends("auto", "auto", cuda=True) == {"cuda": True, "engine": "sglang", "vllm": True}
+    assert e2e.resolve_backends("auto", "auto", cuda=False)["engine"] == "embedded"
+    assert e2e.resolve_backends("sglang", "off", cuda=False) == {"cuda": False, "engine": "sglang", "vllm": False}
+    with pytest.raises(ValueError, match="--engine"):
+        e2e.resolve_backends("vllm", "auto")
+    with pytest.raises(ValueError, match="--trl-vllm"):
+        e2e.resolve_backends("auto", "yes")
+
+
+def test_e2e_grpo_trl_config_matches_ours_on_both_devices():
+    """The TRL peer's GRPOConfig: every key exists in the installed TRL, the same loss as ours, and on a GPU
+    bf16 with vLLM colocated at the same memory fraction SGLang gets."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    e2e = B.import_bench("bench.e2e_grpo")
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    cpu = e2e.trl_config_kwargs(e2e.QUICK, liger=False, cuda=False, output_dir="/tmp/x")
+    gpu = e2e.trl_config_kwargs(dataclasses.replace(e2e.QUICK, vllm=True), liger=True, cuda=True, output_dir="/tmp/x")
+    for kw in (cpu, gpu):
+        assert set(kw) <= fields, set(kw) - fields
+        assert (kw["loss_type"], kw["epsilon"], kw["epsilon_high"], kw["beta"]) == ("dapo", 0.2, 0.28, 0.0)
+        assert kw["per_device_train_batch_size"] == e2e.QUICK.prompts * e2e.QUICK.group
+    assert cpu["use_cpu"] and not cpu["bf16"] and "use_vllm" not in cpu
+    assert not gpu["use_cpu"] and gpu["bf16"] and gpu["use_liger_kernel"]
+    assert gpu["use_vllm"] and gpu["vllm_mode"] == "colocate" and gpu["vllm_gpu_memory_utilization"] == e2e.ENGINE_MEM_FRACTION
+    args = GRPOConfig(**cpu)  # the CPU configuration is accepted as built
+    assert args.loss_type == "dapo" and args.num_generations == e2e.QUICK.group
+
+
+def test_e2e_grpo_sglang_without_a_gpu_is_a_clear_error():
+    e2e = B.import_bench("bench.e2e_grpo")
+    import dataclasses
+
+    with pytest.raises(RuntimeError, match="sglang|CUDA"):
+        e2e._ours_trainer(dataclasses.replace(e2e.MICRO, engine="sglang"))
