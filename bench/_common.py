@@ -20,17 +20,36 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------ subprocesses
-def run_worker(module: str, args: Sequence[str], timeout: float = 3600, env: Mapping[str, str] | None = None,
+def run_worker(module: str, worker: str, payload: Any = None, timeout: float = 3600, env: Mapping[str, str] | None = None,
                describe_error: Callable[[str], str] = lambda text: text[-500:]) -> Any:
-    """Run `python -m <module> <args>` in a fresh process from the repo root; returns its last stdout line parsed as
-    JSON, or {"error": describe_error(stderr or stdout)} when it exits non-zero. `env` entries are added to this
-    process's environment. subprocess.TimeoutExpired propagates (callers decide what a timeout is worth)."""
+    """Run `python -m <module> --worker <worker> --payload <json>` in a fresh process from the repo root (the
+    module's `main` hands that to `serve_worker`); returns the worker's last stdout line parsed as JSON, or
+    {"error": describe_error(stderr or stdout)} when it exits non-zero. `env` entries are added to this process's
+    environment. subprocess.TimeoutExpired propagates (callers decide what a timeout is worth)."""
     full_env = {**os.environ, **env} if env is not None else None
+    args = ["--worker", worker, "--payload", json.dumps(payload)]
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO_ROOT,
                           timeout=timeout, env=full_env)
     if proc.returncode != 0:
         return {"error": describe_error(proc.stderr or proc.stdout)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def serve_worker(argv: Sequence[str] | None, handler: Callable[[str, Any], Any]) -> bool:
+    """The worker side of run_worker. If argv (default sys.argv[1:]) is a worker call, print
+    json.dumps(handler(worker, payload)) as one line and return True; else return False and leave the
+    command line to the module's own parser."""
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" not in argv:
+        return False
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("--payload", default="null")
+    args = parser.parse_args(argv)
+    print(json.dumps(handler(args.worker, json.loads(args.payload))))
+    return True
 
 
 # ------------------------------------------------------------------------------------------- RSS probes

@@ -31,7 +31,6 @@ data built).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
-from bench._common import (fmt_bytes, fmt_seconds, render_table, rss_baseline_kib, rss_kib, run_worker,
+from bench._common import (fmt_bytes, fmt_seconds, render_table, rss_baseline_kib, rss_kib, run_worker, serve_worker,
                            skip_unless_benchmarking)
 
 VARIANTS = ("ours", "trl", "trl-liger")
@@ -339,8 +338,7 @@ def _worker(variant: str, setup: Setup) -> dict:
 
 def _run_worker_subprocess(variant: str, setup: Setup, timeout: float = 1800) -> dict:
     try:
-        return run_worker("bench.e2e_grpo", ["--worker", variant, "--setup", json.dumps(asdict(setup))],
-                          timeout=timeout, describe_error=_last_error_line)
+        return run_worker("bench.e2e_grpo", variant, asdict(setup), timeout=timeout, describe_error=_last_error_line)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
 
@@ -437,6 +435,8 @@ def markdown_table(table_rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if serve_worker(argv, lambda variant, setup: _worker(variant, Setup(**setup))):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK}")
     parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up step")
@@ -446,12 +446,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="our rollout engine (auto: SGLang on CUDA when installed)")
     parser.add_argument("--trl-vllm", default="auto", choices=("auto", "on", "off"),
                         help="TRL samples with vLLM colocate (auto: on CUDA when installed)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(args.worker, Setup(**json.loads(args.setup)))))
-        return
     variants = tuple(dict.fromkeys(["ours", *[v.strip() for v in args.only.split(",") if v.strip()]]))
     bad = [v for v in variants if v not in VARIANTS]
     if bad:

@@ -17,14 +17,13 @@ the high-water mark once the trainer is built) over the whole run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
-from bench._common import bytes_row, failed_row, rss_baseline_kib, rss_kib, run_worker, seconds_row
+from bench._common import bytes_row, failed_row, rss_baseline_kib, rss_kib, run_worker, seconds_row, serve_worker
 from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 VARIANTS = ("trl", "ours")
@@ -115,7 +114,7 @@ def rows(quick: bool = False, steps: int | None = None, verbose: bool = True) ->
         setup = replace(setup, steps=steps)
     res = {}
     for variant in VARIANTS:
-        res[variant] = run_worker("bench.integrations", ["--worker", variant, "--setup", json.dumps(asdict(setup))])
+        res[variant] = run_worker("bench.integrations", variant, asdict(setup))
         if verbose:
             print(f"  {variant:5s} {res[variant]}", file=sys.stderr, flush=True)
     ours, peer = res["ours"], res["trl"]
@@ -132,15 +131,12 @@ def rows(quick: bool = False, steps: int | None = None, verbose: bool = True) ->
 
 
 def main(argv: list[str] | None = None) -> None:
+    if serve_worker(argv, lambda variant, setup: _worker(variant, Setup(**setup))):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="V=32k, 3 steps (~1-2 minutes on 2 cores)")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(args.worker, Setup(**json.loads(args.setup)))))
-        return
     print(markdown_table(rows(args.quick, args.steps)))
 
 

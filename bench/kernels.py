@@ -26,7 +26,6 @@ enabled (`pytest bench/kernels.py --benchmark-enable`).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench._common import (bytes_row, failed_row, naive_logprobs, naive_step, rss_baseline_kib, rss_kib, run_worker,
+from bench._common import (bytes_row, failed_row, naive_logprobs, naive_step, rss_baseline_kib, rss_kib, run_worker, serve_worker,
                            seconds_row, skip_unless_benchmarking)
 from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
@@ -135,8 +134,7 @@ def cpu_rows(quick: bool = False, reps: int | None = None, verbose: bool = True)
     reps = reps if reps is not None else (3 if quick else 2)
     res = {}
     for method in CPU_METHODS:
-        res[method] = run_worker("bench.kernels", ["--worker", method, "--shape", json.dumps(shape.__dict__),
-                                                   "--reps", str(reps)])
+        res[method] = run_worker("bench.kernels", method, {"shape": shape.__dict__, "reps": reps})
         if verbose:
             print(f"  {method:11s} {res[method]}", file=sys.stderr, flush=True)
     device = f"CPU x{torch.get_num_threads()} threads, fp32, T={shape.T} H={shape.H} V={shape.V}"
@@ -271,17 +269,13 @@ def test_bench_fused_linear_grpo(benchmark):
 
 # ------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
+    if serve_worker(argv, lambda method, p: _cpu_worker(method, Shape(**p["shape"]), p["reps"])):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small CPU shapes (~1 minute on 2 cores)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--gpu-out", default="bench/kernels_gpu.md", help="markdown file for the GPU table")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        shape = Shape(**json.loads(args.shape))
-        print(json.dumps(_cpu_worker(args.worker, shape, args.reps or 2)))
-        return
     rows = cpu_rows(args.quick, args.reps)
     print(markdown_table(rows))
     if torch.cuda.is_available():

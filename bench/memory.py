@@ -22,11 +22,10 @@ TRL for full fine-tuning.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 
-from bench._common import bytes_row, failed_row, reset_peak_rss, rss_kib, run_worker
+from bench._common import bytes_row, failed_row, reset_peak_rss, rss_kib, run_worker, serve_worker
 from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 PROMPTS, GROUP, PROMPT_TOKENS, COMPLETION = 2, 4, 64, 192
@@ -100,7 +99,7 @@ def _ours_worker(mode: str, preset: str) -> dict:
 
 
 def _run(kind: str, variant: str, preset: str) -> dict:
-    return run_worker("bench.memory", ["--worker", kind, "--variant", variant, "--preset", preset], env=ENV,
+    return run_worker("bench.memory", kind, {"variant": variant, "preset": preset}, env=ENV,
                       describe_error=lambda text: text[-800:])
 
 
@@ -123,16 +122,11 @@ def rows(quick: bool = False, verbose: bool = True) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if serve_worker(argv, lambda kind, p: (_trl_worker if kind == "trl" else _ours_worker)(p["variant"], p["preset"])):
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a minute or two)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--variant", help=argparse.SUPPRESS)
-    ap.add_argument("--preset", default="small", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        fn = _trl_worker if args.worker == "trl" else _ours_worker
-        print(json.dumps(fn(args.variant, args.preset)))
-        return
     print(markdown_table(rows(args.quick)))
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench._common import (REPO_ROOT, fmt_bytes, fmt_seconds, naive_step, render_table, reset_peak_rss, rss_kib,
-                           run_worker, skip_unless_benchmarking)
+                           run_worker, serve_worker, skip_unless_benchmarking)
 
 METHODS = ("ours", "naive")
 
@@ -132,7 +131,7 @@ def _run_worker_subprocess(method: str, grid: Grid, timeout: float = 3600) -> li
     # Pinning the mmap threshold keeps glibc from moving large freed buffers into the heap, where RSS would
     # keep them and hide the next point's peak.
     try:
-        res = run_worker("bench.scaling", ["--worker", method, "--grid", json.dumps(asdict(grid))], timeout=timeout,
+        res = run_worker("bench.scaling", method, asdict(grid), timeout=timeout,
                          env={"MALLOC_MMAP_THRESHOLD_": "65536"}, describe_error=_last_line)
     except subprocess.TimeoutExpired:
         res = {"error": "timed out"}
@@ -231,16 +230,13 @@ def test_bench_scaling_naive_T2048_V16k(benchmark):
 
 
 def main(argv: list[str] | None = None) -> None:
+    grid = lambda g: Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})  # noqa: E731
+    if serve_worker(argv, lambda method, g: _worker(method, grid(g))):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="PNG path (default bench/results/scaling-<date>-<device>.png)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--grid", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        g = json.loads(args.grid)
-        print(json.dumps(_worker(args.worker, Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()}))))
-        return
     print(render_table(rows(args.quick, args.out),
                        [("benchmark", "benchmark"), ("ours", "ours"), ("naive", "peer"),
                         ("ours/naive", lambda r: "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"),
