@@ -48,7 +48,6 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     progress: bool = True
-    logprob_chunk: int = 1024  # tokens per chunk in the CPU log-prob path
     autocast: str = "auto"  # auto = bf16 autocast on CUDA for fp32 weights | bf16 | off (deepeyesv2.precision)
     logprob_tokens_budget: int = 0  # no-grad log-prob passes (old / reference) take <= this many tokens at once; 0 = a whole row
 

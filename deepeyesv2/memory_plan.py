@@ -6,7 +6,8 @@ Two phases share the device (colocated rollout and training, deepeyesv2.rl):
   rollout  weights + optimizer state (unless offloaded) + KV cache (the generate call's buffers for every
            sequence of the step, plus the radix prefix cache) + vision forward of one image
   train    weights + grads + optimizer state + saved activations of one packed row + log-prob workspace
-           (our chunked fused kernel: a [C, V] tile, vs the naive [T, V] logits) + backward temporaries
+           (our fused kernel: [C, V] tiles on GPU, two [Tc, Vb] tiles on CPU, vs the naive [T, V] logits)
+           + backward temporaries
 The peak is the larger phase plus a fixed runtime overhead. Every term is a closed-form count of the tensors
 our code keeps (see `layer_activation_bytes` for the saved-tensor list, checked with autograd's
 saved_tensors_hooks on the tiny model). Conservative where the order of frees varies: during the
@@ -38,7 +39,9 @@ CUDA_OVERHEAD_BYTES = 1 * GiB  # assumption: CUDA context ~0.5 GiB + cuBLAS work
 CPU_OVERHEAD_BYTES = 20 * MiB  # measured once: 17-23 MiB over tiny (3 modes) and small (LoRA), see module docstring
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CPU_CHUNK_BYTES = 128 * MiB  # deepeyesv2_kernels.logprobs_torch.CHUNK_BYTES (one [C, V] fp32 tile)
+# deepeyesv2_kernels.logprobs_torch's vocab tiling (TILE_BYTES, TOKEN_CHUNK_MAX, VOCAB_BLOCK_MIN): two [Tc, Vb]
+# fp32 tiles; tests/trainer/test_memory_plan.py checks cpu_logprob_tile against vocab_tiles
+CPU_TILE_BYTES, CPU_TOKEN_CHUNK_MAX, CPU_VOCAB_BLOCK_MIN = 64 * MiB, 8192, 1024
 GPU_FUSED_CHUNK_BYTES = 900 * MiB  # deepeyesv2_kernels.logprobs.FUSED_CHUNK_BYTES (fp32 logits + grad tile)
 PATCH_VALUES = 3 * 2 * 14 * 14  # one pixel_values row: channels x temporal patch x patch x patch
 
@@ -195,11 +198,17 @@ def vision_tokens(a: Arch, image_size: int) -> tuple[int, int]:
     return patches, patches // a.merge**2
 
 
+def cpu_logprob_tile(T: int, vocab: int) -> tuple[int, int]:
+    """(tokens, vocab rows) of one fp32 tile of the CPU log-prob path (= logprobs_torch.vocab_tiles)."""
+    elems = CPU_TILE_BYTES // 4
+    tokens = max(1, min(T, CPU_TOKEN_CHUNK_MAX, elems // min(vocab, CPU_VOCAB_BLOCK_MIN)))
+    return tokens, max(1, min(vocab, elems // tokens))
+
+
 def logprob_chunk_tokens(a: Arch, p: PlanSetup, T: int) -> int:
+    """Tokens per chunk of the GPU fused loss ([C, V] logits + gradient)."""
     s = DTYPE_BYTES[p.dtype]
-    if p.device == "cuda":
-        return max(16, min(T, GPU_FUSED_CHUNK_BYTES // ((4 + s) * a.vocab)))
-    return max(16, min(T, CPU_CHUNK_BYTES // (4 * a.vocab)))
+    return max(16, min(T, GPU_FUSED_CHUNK_BYTES // ((4 + s) * a.vocab)))
 
 
 def plan(a: Arch, p: PlanSetup) -> dict:
@@ -234,11 +243,12 @@ def plan(a: Arch, p: PlanSetup) -> dict:
     # backward temporaries: gradients of one layer's MLP intermediates and hidden states in flight
     bwd = T * s * (3 * a.intermediate + 2 * a.hidden)
 
-    C = logprob_chunk_tokens(a, p, T)
     if p.device == "cuda":
-        lp_work = C * a.vocab * (4 + s)  # fp32 logits tile + gradient tile in the input dtype
+        tile = (logprob_chunk_tokens(a, p, T), a.vocab)
+        lp_work = tile[0] * a.vocab * (4 + s)  # fp32 logits tile + gradient tile in the input dtype
     else:
-        lp_work = 2 * C * a.vocab * 4  # fp32 logits + exp tiles
+        tile = cpu_logprob_tile(T, a.vocab)
+        lp_work = 2 * tile[0] * tile[1] * 4  # two fp32 [Tc, Vb] tiles
         if s != 4:  # fp32 upcast of the lm_head weight, and (full FT) an fp32 [V, H] gradient accumulator
             lp_work += a.vocab * a.hidden * 4 * (2 if head_trainable else 1)
     naive_lp = T * a.vocab * (s + 4 + 4)  # [T, V] logits + fp32 log-softmax + its gradient
@@ -275,7 +285,7 @@ def plan(a: Arch, p: PlanSetup) -> dict:
     return {"arch": a.name, "setup": asdict(p), "params": total, "trainable": trainable, "row_tokens": T,
             "train": train, "rollout": rollout, "train_peak": train_peak + overhead,
             "rollout_peak": rollout_peak + overhead if p.include_rollout else 0, "overhead": overhead,
-            "peak": peak, "naive_logprob_bytes": naive_lp, "logprob_chunk": C,
+            "peak": peak, "naive_logprob_bytes": naive_lp, "logprob_tile": list(tile),
             "host_optimizer_bytes": 3 * trainable * 4 if p.offload_optimizer and p.device == "cuda" else 0}
 
 
@@ -349,7 +359,7 @@ def report(result: dict, budget: int | None = None, fits: dict[int, int] | None 
     lines.append(f"| runtime overhead | {fmt_bytes(r['overhead'])} | {fmt_bytes(r['overhead'])} |")
     lines.append(f"| **phase peak** | **{fmt_bytes(r['train_peak'])}** | **{fmt_bytes(r['rollout_peak'])}** |")
     lines += ["", f"predicted peak: {fmt_bytes(r['peak'])}",
-              f"log-prob workspace: {fmt_bytes(r['train']['log-prob workspace'])} (chunks of {r['logprob_chunk']} tokens)"
+              f"log-prob workspace: {fmt_bytes(r['train']['log-prob workspace'])} (tiles of {r['logprob_tile'][0]} tokens x {r['logprob_tile'][1]} vocab rows)"
               f" vs naive [T, V] logits {fmt_bytes(r['naive_logprob_bytes'])}"]
     if r["host_optimizer_bytes"]:
         lines.append(f"host memory for the offloaded optimizer: {fmt_bytes(r['host_optimizer_bytes'])}")

@@ -31,11 +31,9 @@ from .logprobs import (
     triton_logprob_stats,
 )
 from .logprobs_torch import (
-    chunk_logits,
-    chunk_stats,
-    chunk_tokens,
-    dlogits_,
     own_precision,
+    tiled_backward,
+    tiled_forward,
     valid_tokens,
     validate_logprobs_inputs,
 )
@@ -104,7 +102,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             return _chunk_token_grads(lp_c, ent_c, w[c0:c1], extra, cfg)
 
         if backend == "torch":
-            grads = _torch_forward(hidden, weight, bias, safe_targets, inv_temp, need_h, need_w, need_b, chunk_grads,
+            grads = _tiled_torch_forward(hidden, weight, bias, safe_targets, inv_temp, need_h, need_w, need_b, chunk_grads,
                                    cfg["entropy_coef"] != 0.0)
         else:
             grads = _triton_forward(hidden, weight, bias, targets, inv_temp, need_h, need_w, need_b, chunk_grads)
@@ -122,36 +120,18 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None, None)
 
 
-def _torch_forward(hidden, weight, bias, safe_targets, inv_temp, need_h, need_w, need_b, chunk_grads,
-                   entropy_in_loss):
-    T, V = hidden.shape[0], weight.shape[0]
-    weight32 = weight.float()
-    bias32 = bias.float() if bias is not None else None
-    grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w32 = torch.zeros_like(weight32) if need_w else None
-    grad_b32 = torch.zeros_like(bias32) if need_b else None
-    chunk = chunk_tokens(T, V)
-    for c0 in range(0, T, chunk):
-        c1 = min(c0 + chunk, T)
-        h_c = hidden[c0:c1].float()
-        z = chunk_logits(h_c, weight32, bias32, inv_temp)
-        # Without an entropy term in the loss, the gradient never reads z again: let the stats overwrite it.
-        lse_c, zt_c, ent_c, e, s = chunk_stats(z, safe_targets[c0:c1], True, consume_z=not entropy_in_loss)
-        g_lp, g_ent = chunk_grads(c0, c1, zt_c - lse_c, ent_c)
-        p = e.div_(s[:, None])
-        dz = dlogits_(z, p, lse_c, ent_c, safe_targets[c0:c1], g_lp, g_ent, inv_temp)
-        if need_h:
-            grad_h[c0:c1] = dz @ weight32
-        if need_w:
-            grad_w32.addmm_(dz.t(), h_c)
-        if need_b:
-            grad_b32 += dz.sum(0)
-        del z, e, p, dz
-    return (
-        grad_h,
-        grad_w32.to(weight.dtype) if need_w else None,
-        grad_b32.to(bias.dtype) if need_b else None,
-    )
+def _tiled_torch_forward(hidden, weight, bias, safe_targets, inv_temp, need_h, need_w, need_b, chunk_grads,
+                         entropy_in_loss):
+    """Vocab-tiled CPU path: the log-prob statistics for all tokens (one pass over [Tc, Vb] tiles), the token
+    gradients, then the parameter gradients (a second pass that recomputes each tile). Memory: two tiles,
+    never a [Tc, V] chunk of logits."""
+    T = hidden.shape[0]
+    lse, z_target, ent = tiled_forward(hidden, weight, bias, safe_targets, inv_temp, True)
+    g_lp, g_ent = chunk_grads(0, T, z_target - lse, ent)
+    grad_h, grad_w, grad_b = tiled_backward(hidden, weight, bias, safe_targets, lse, ent, g_lp, g_ent, inv_temp,
+                                            (need_h, need_w, need_b))
+    return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None)
 
 
 def _triton_forward(hidden, weight, bias, targets, inv_temp, need_h, need_w, need_b, chunk_grads):

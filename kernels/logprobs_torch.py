@@ -24,9 +24,9 @@ run as fast as the naive path's single [T, V] products, and the elementwise work
 Peak extra memory: two [Tc, Vb] fp32 tiles (one without entropy), O(Tc x H) per-chunk vectors, and, for bf16/fp16
 weights, the [V, H] fp32 weight-gradient accumulator.
 
-The token-chunk helpers (`chunk_tokens`, `chunk_logits`, `chunk_stats`, `dlogits_`, full vocab per chunk) are used
-by the fused GRPO loss (`linear_grpo.py`), which needs a chunk's complete log-probs before it can form the chunk's
-logit gradient in the forward pass (3 matrix products instead of 4).
+The fused GRPO loss (`linear_grpo.py`) runs the same two passes inside its forward: statistics for all tokens,
+the token-loss gradients, then the recomputing gradient pass -- one more matrix product than holding a [Tc, V]
+chunk of logits between them would need, for the same two-tile memory bound.
 """
 
 from __future__ import annotations
@@ -37,9 +37,6 @@ import math
 
 import torch
 
-# Size of one [chunk, V] fp32 buffer of the token-chunk helpers (the fused GRPO loss). Two are alive at its peak;
-# chunks stay >= ~200 tokens at V=152k, large enough for the GEMMs to run at speed.
-CHUNK_BYTES = 128 * 2**20
 # Size of one [Tc, Vb] fp32 tile of the vocab-tiled log-prob path; two are alive at its peak. On 2 CPU cores the GEMMs
 # dominate and tiles of 16-128 MiB timed alike when the machine was quiet; under load, 64-128 MiB did better than
 # 32 MiB (fewer ops per pass, so fewer thread barriers stalled by a descheduled thread). 64 MiB: Vb = 4096 at
@@ -49,8 +46,6 @@ TILE_BYTES = 64 * 2**20
 TOKEN_CHUNK_MAX = 8192
 # Smallest vocab block before the token chunk shrinks instead (keeps the K = Vb of the grad-hidden GEMM wide).
 VOCAB_BLOCK_MIN = 1024
-# Rows per block of the entropy reduction (bounds its temporary to ROW_BLOCK x V fp32).
-_ROW_BLOCK = 32
 
 
 def validate_logprobs_inputs(
@@ -117,79 +112,6 @@ def valid_tokens(targets: torch.Tensor, ignore_index: int, loss_mask: torch.Tens
     """[T] bool: tokens that get a log-prob (target not ignored and inside the loss mask)."""
     valid = targets != ignore_index
     return valid & loss_mask if loss_mask is not None else valid
-
-
-def chunk_tokens(num_tokens: int, vocab: int, chunk_bytes: int | None = None) -> int:
-    """Tokens per chunk so that one [chunk, V] fp32 buffer takes about `chunk_bytes` (default CHUNK_BYTES)."""
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    return max(16, min(max(num_tokens, 1), chunk_bytes // (4 * vocab)))
-
-
-def chunk_logits(
-    hidden_c: torch.Tensor, weight32: torch.Tensor, bias32: torch.Tensor | None, inv_temp: float
-) -> torch.Tensor:
-    """[C, V] fp32 logits / temperature for one chunk of tokens (hidden_c: [C, H] fp32)."""
-    z = hidden_c @ weight32.t()
-    if bias32 is not None:
-        z += bias32
-    if inv_temp != 1.0:
-        z *= inv_temp
-    return z
-
-
-def chunk_stats(
-    z: torch.Tensor, safe_targets_c: torch.Tensor, compute_entropy: bool, consume_z: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """From [C, V] fp32 logits: (lse [C], target logit [C], entropy [C] | None, e = exp(z - max) [C, V], sum e [C]).
-
-    `z` is left unchanged unless consume_z (then it is overwritten, saving a pass); `e` is the second [C, V]
-    buffer (the fused loss turns it into probabilities in place).
-    """
-    z_max = z.amax(dim=1, keepdim=True)
-    e = torch.sub(z, z_max).exp_()
-    s = e.sum(dim=1)
-    lse = z_max.squeeze(1) + s.log()
-    z_target = z.gather(1, safe_targets_c[:, None]).squeeze(1)
-    entropy = None
-    if compute_entropy:
-        # entropy = log s - sum_v e_v (z_v - max) / s: both terms >= 0, no cancellation against lse. The products
-        # are summed by torch's pairwise sum (a bmm dot accumulates sequentially: ~1e-4 relative error at V=152k)
-        # over row blocks, so the temporary stays small instead of a third [C, V] buffer.
-        if consume_z:
-            ez = z.sub_(z_max).mul_(e).sum(dim=1)
-        else:
-            ez = torch.empty_like(s)
-            for r0 in range(0, z.shape[0], _ROW_BLOCK):
-                r1 = r0 + _ROW_BLOCK
-                ez[r0:r1] = (torch.sub(z[r0:r1], z_max[r0:r1]).mul_(e[r0:r1])).sum(dim=1)
-        entropy = s.log() - ez / s
-    return lse, z_target, entropy, e, s
-
-
-def dlogits_(
-    z: torch.Tensor,
-    p: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    safe_targets_c: torch.Tensor,
-    grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    inv_temp: float,
-) -> torch.Tensor:
-    """Gradient w.r.t. the pre-temperature logits of one chunk, written into `z` or `p` (both are consumed).
-
-    z: [C, V] fp32 logits / temperature, p: [C, V] fp32 softmax probabilities; grad_logp, grad_entropy: [C] fp32,
-    already zero on masked tokens. d logp / dz = onehot - p; d entropy / dz = -p * (z - lse + entropy).
-    """
-    if grad_entropy is not None:
-        z.sub_((lse - entropy)[:, None]).mul_(p).mul_(-grad_entropy[:, None])
-        dz = z.addcmul_(p, grad_logp[:, None], value=-1.0)
-    else:
-        dz = p.mul_(-grad_logp[:, None])
-    dz.scatter_add_(1, safe_targets_c[:, None], grad_logp[:, None])
-    if inv_temp != 1.0:
-        dz *= inv_temp
-    return dz
 
 
 # ------------------------------------------------------------------------------------------- vocab-tiled path

@@ -121,8 +121,13 @@ def test_torch_on_policy_ratio_is_one():
     _check_on_policy("torch", "cpu")
 
 
-def test_torch_multi_chunk(monkeypatch):
-    monkeypatch.setattr(logprobs_torch, "CHUNK_BYTES", 16 * 4 * 257)  # 16-token chunks
+@pytest.mark.parametrize("tokens,block", [(16, 64), (300, 100), (7, 257)])
+def test_torch_multi_tile(monkeypatch, tokens, block):
+    """Several token chunks and/or vocab blocks, ragged at both ends (T=300, V=257)."""
+    monkeypatch.setattr(logprobs_torch, "TOKEN_CHUNK_MAX", tokens)
+    monkeypatch.setattr(logprobs_torch, "VOCAB_BLOCK_MIN", block)
+    monkeypatch.setattr(logprobs_torch, "TILE_BYTES", 4 * tokens * block)
+    assert logprobs_torch.vocab_tiles(300, 257) == (min(tokens, 300), min(block, 257))
     _check_batch_against_ref("torch", _batch("cpu", T=300, H=16, V=257))
 
 
@@ -257,3 +262,27 @@ def test_bad_inputs_raise(override, word):
     args.update(override)
     with pytest.raises(ValueError, match=word):
         fused_linear_grpo_loss(**args)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_bias_and_temperature_gradients(backend, monkeypatch):
+    """An lm-head bias (with temperature, over several vocab tiles on the torch path): loss and the hidden, weight
+    and bias gradients match the reference."""
+    monkeypatch.setattr(logprobs_torch, "TOKEN_CHUNK_MAX", 32)
+    monkeypatch.setattr(logprobs_torch, "VOCAB_BLOCK_MIN", 200)
+    monkeypatch.setattr(logprobs_torch, "TILE_BYTES", 4 * 32 * 200)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, targets, old, adv, mask, cu, ref = _batch(device)
+    bias = (torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(5)) * 0.5).to(device).requires_grad_()
+    kw = dict(ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, temperature=0.7, bias=bias)
+    out = {}
+    for name, fn in (("ours", lambda *a, **k: fused_linear_grpo_loss(*a, backend=backend, **k)),
+                     ("ref", fused_linear_grpo_loss_ref)):
+        hidden.grad = weight.grad = bias.grad = None
+        loss, _ = fn(hidden, weight, targets, old, adv, mask, cu, **kw)
+        loss.backward()
+        out[name] = (loss.detach(), hidden.grad.clone(), weight.grad.clone(), bias.grad.clone())
+    for label, a, b in zip(("loss", "grad hidden", "grad weight", "grad bias"), out["ours"], out["ref"]):
+        torch.testing.assert_close(a, b, rtol=3e-5, atol=3e-5 * max(1.0, b.abs().max().item()),
+                                   msg=lambda m, n=label: f"{n}: {m}")
+    assert out["ours"][3].abs().sum() > 0

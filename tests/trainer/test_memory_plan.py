@@ -161,6 +161,17 @@ def test_shipped_architectures_match_published_sizes():
     assert sum(param_counts(load_arch("Qwen/Qwen2.5-VL-7B-Instruct")).values()) == 8_292_166_656
 
 
+def test_cpu_logprob_tile_is_the_kernels_tiling():
+    """The planner's copy of the CPU kernel's tile sizing agrees with the kernel (constants and formula)."""
+    from deepeyesv2 import memory_plan as mp
+    from deepeyesv2_kernels import logprobs_torch as lt
+
+    assert (mp.CPU_TILE_BYTES, mp.CPU_TOKEN_CHUNK_MAX, mp.CPU_VOCAB_BLOCK_MIN) == (
+        lt.TILE_BYTES, lt.TOKEN_CHUNK_MAX, lt.VOCAB_BLOCK_MIN)
+    for T, V in [(1, 7), (300, 257), (4096, 151_936), (20_000, 151_936), (100_000, 1_000), (17, 300_000)]:
+        assert mp.cpu_logprob_tile(T, V) == lt.vocab_tiles(T, V), (T, V)
+
+
 def test_plan_orders_modes_and_fits():
     a = load_arch("qwen2.5-vl-7b")
     full = plan(a, PlanSetup())
