@@ -46,6 +46,34 @@ def _interpret() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _logits_tile(
+        p_hidden, p_weight, p_bias, o_t64, m_t, o_v, m_v, H, stride_h, stride_w, inv_temp,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        # [BLOCK_T, BLOCK_V] fp32 (hidden @ weight^T + bias) / temperature of one tile, K-looped over H.
+        o_v64 = o_v.to(tl.int64)
+        b_acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            o_h = h0 + tl.arange(0, BLOCK_H)
+            m_h = o_h < H
+            # [BLOCK_T, BLOCK_H]
+            b_h = tl.load(p_hidden + o_t64[:, None] * stride_h + o_h[None, :], mask=m_t[:, None] & m_h[None, :], other=0.0)
+            # [BLOCK_V, BLOCK_H]
+            b_w = tl.load(p_weight + o_v64[:, None] * stride_w + o_h[None, :], mask=m_v[:, None] & m_h[None, :], other=0.0)
+            if DOT_UPCAST:
+                b_h = b_h.to(tl.float32)
+                b_w = b_w.to(tl.float32)
+            b_acc = tl.dot(b_h, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            b_acc += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        return b_acc * inv_temp
+
+    @triton.jit
     def _logprobs_fwd_kernel(
         p_hidden,  # [T, H]
         p_weight,  # [V, H]
@@ -92,22 +120,8 @@ if triton is not None:
         for v0 in range(v_start, v_end, BLOCK_V):
             o_v = v0 + tl.arange(0, BLOCK_V)
             m_v = o_v < v_end
-            o_v64 = o_v.to(tl.int64)
-            b_acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                o_h = h0 + tl.arange(0, BLOCK_H)
-                m_h = o_h < H
-                # [BLOCK_T, BLOCK_H]
-                b_h = tl.load(p_hidden + o_t64[:, None] * stride_h + o_h[None, :], mask=m_t[:, None] & m_h[None, :], other=0.0)
-                # [BLOCK_V, BLOCK_H]
-                b_w = tl.load(p_weight + o_v64[:, None] * stride_w + o_h[None, :], mask=m_v[:, None] & m_h[None, :], other=0.0)
-                if DOT_UPCAST:
-                    b_h = b_h.to(tl.float32)
-                    b_w = b_w.to(tl.float32)
-                b_acc = tl.dot(b_h, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
-            if HAS_BIAS:
-                b_acc += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-            b_z = b_acc * inv_temp
+            b_z = _logits_tile(p_hidden, p_weight, p_bias, o_t64, m_t, o_v, m_v, H, stride_h, stride_w, inv_temp,
+                               HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
             if STORE_LOGITS:
                 tl.store(p_logits + o_t64[:, None] * stride_logits + o_v[None, :], b_z, mask=m_t[:, None] & m_v[None, :])
             # Online log-sum-exp: rescale the running sums whenever the running max grows.
@@ -166,26 +180,12 @@ if triton is not None:
         m_t = o_t < T
         m_v = o_v < V
         o_t64 = o_t.to(tl.int64)
-        o_v64 = o_v.to(tl.int64)
         if FROM_LOGITS:
             # [BLOCK_T, BLOCK_V] logits stored by the forward kernel (fused loss: no recompute)
             b_z = tl.load(p_logits + o_t64[:, None] * stride_logits + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         else:
-            b_acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                o_h = h0 + tl.arange(0, BLOCK_H)
-                m_h = o_h < H
-                # [BLOCK_T, BLOCK_H]
-                b_h = tl.load(p_hidden + o_t64[:, None] * stride_h + o_h[None, :], mask=m_t[:, None] & m_h[None, :], other=0.0)
-                # [BLOCK_V, BLOCK_H]
-                b_w = tl.load(p_weight + o_v64[:, None] * stride_w + o_h[None, :], mask=m_v[:, None] & m_h[None, :], other=0.0)
-                if DOT_UPCAST:
-                    b_h = b_h.to(tl.float32)
-                    b_w = b_w.to(tl.float32)
-                b_acc = tl.dot(b_h, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
-            if HAS_BIAS:
-                b_acc += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-            b_z = b_acc * inv_temp
+            b_z = _logits_tile(p_hidden, p_weight, p_bias, o_t64, m_t, o_v, m_v, H, stride_h, stride_w, inv_temp,
+                               HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
         # [BLOCK_T]
         b_lse = tl.load(p_lse + o_t, mask=m_t, other=0.0)
         b_glogp = tl.load(p_glogp + o_t, mask=m_t, other=0.0)
