@@ -129,8 +129,9 @@ def sample_tokens(
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
-def request_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
+def request_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request RNG on the logits' device (torch.multinomial needs the generator where the probs are)."""
+    g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
@@ -289,7 +290,7 @@ class EmbeddedEngine:
         if max_new < 1:
             raise ValueError(f"request {i}: max_new_tokens must be >= 1, got {max_new}")
         seed = req.seed if req.seed is not None else (None if sampling.seed is None else sampling.seed + i)
-        gen = None if sampling.greedy or req.forced_tokens is not None else request_generator(seed)
+        gen = None if sampling.greedy or req.forced_tokens is not None else request_generator(seed, self.model.lm_head.weight.device)
         return _Seq(req, key, max_new, int(pos.max()) + 1, gen), pos
 
     def _forward(self, embeds: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: _BufferCache) -> torch.Tensor:
