@@ -200,3 +200,15 @@ def test_rollout_metrics_keys(step):
     assert m["tool_call_rate"] == pytest.approx(1 / 8) and m["tool_success_rate"] == 1.0
     assert m["answered_rate"] == 1.0 and m["reward_accuracy"] == pytest.approx(3 / 8)
     assert {"response_length", "num_turns", "tool_calls_per_episode"} <= m.keys()
+
+
+def test_every_rank_needs_a_prompt(monkeypatch):
+    """Under torchrun the step's prompts are split over the ranks: fewer prompts than ranks is a config error
+    named before any rollout (a rank with nothing to train would still have to join every collective)."""
+    import deepeyesv2.distributed as dist_mod
+
+    monkeypatch.setattr(dist_mod, "world_size", lambda: 4)
+    cfg = Config()
+    cfg.rl.prompts_per_step = 3
+    with pytest.raises(ValueError, match="prompts_per_step=3 is smaller than the world size 4"):
+        collect_groups(None, [], ShuffledIterator(1), None, exact_match, cfg)
