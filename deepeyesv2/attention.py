@@ -44,6 +44,15 @@ def _sdpa_segments(q, k, v, cu_seqlens, scaling):
     return out.transpose(1, 2)
 
 
+def kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in one dtype for the fused attention kernels: the autocast dtype inside an autocast region (there
+    q and k arrive fp32 from RoPE's fp32 cos/sin while v is bf16), else v's. SDPA promotes by itself; flash-attn
+    takes fp16/bf16 only and xformers rejects mixed dtypes."""
+    dev = q.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else v.dtype
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, scaling):
     from flash_attn import flash_attn_varlen_func  # lazy: GPU-only package
 
@@ -78,8 +87,10 @@ def _make_attention(backend: str):
         if query.shape[0] != 1:
             raise ValueError("packed attention expects a single packed row (batch size 1)")
         if backend == "flash":
+            query, key, value = kernel_dtype(query, key, value)
             out = _flash_varlen(query, key, value, cu, int(kwargs.get("max_length_q") or 0), scaling)
         elif backend == "xformers":
+            query, key, value = kernel_dtype(query, key, value)
             out = _xformers_varlen(query, key, value, cu, scaling)
         else:
             out = _sdpa_segments(query, key, value, cu, scaling)

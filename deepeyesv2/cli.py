@@ -97,7 +97,7 @@ def _forward_smoke() -> str:
     for i, (msgs, ims) in enumerate(convs):
         r = render_chat(proc, msgs, ims, name=f"smoke{i}")
         samples.append(Sample(torch.tensor(r.token_ids), torch.tensor(r.loss_mask), r.pixel_values, r.image_grid_thw, name=f"smoke{i}"))
-    batch = pack(samples, model.config.image_token_id)
+    batch = pack(samples, model.config.image_token_id).to(model.lm_head.weight.device)
     t0 = time.perf_counter()
     with torch.no_grad():
         hidden = packed_hidden(model, batch)

@@ -13,7 +13,6 @@ The KL reference for free: the base model is the policy with its adapters switch
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from pathlib import Path
@@ -71,10 +70,13 @@ def trainable_parameters(model) -> int:
 
 
 def merged_model(model):
-    """A plain Qwen2.5-VL with the adapters folded into the weights (a deep copy: `model` keeps training)."""
+    """A plain Qwen2.5-VL with the adapters folded into the weights, in host memory (a copy made tensor by
+    tensor: `model` keeps training, and a checkpoint save never holds a second model on the accelerator)."""
+    from .memory import cpu_copy
+
     if not is_lora(model):
         raise ValueError("merged_model: the model has no LoRA adapters")
-    return copy.deepcopy(model).merge_and_unload()
+    return cpu_copy(model).merge_and_unload()
 
 
 def merge_and_save(model, processor, path: str | Path) -> Path:

@@ -167,6 +167,11 @@ def build_train_optimizer(model: torch.nn.Module, cfg, total_steps: int):
     opt, sched = build_optimizer(model, cfg, total_steps)
     if not getattr(cfg, "offload_states", False):
         return opt, sched
+    from .distributed import is_distributed
+
+    if is_distributed():
+        raise ValueError("optim.offload_states is not supported under torchrun: FSDP2 already shards the AdamW "
+                         "states over the ranks (1/world size each); turn it off")
     # `opt` holds no state yet (AdamW allocates lazily), so dropping it frees nothing but a list.
     off = OffloadedAdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     return off, torch.optim.lr_scheduler.LambdaLR(off.inner, sched.lr_lambdas[0])

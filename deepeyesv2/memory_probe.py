@@ -90,7 +90,8 @@ def measure_step(preset: str, mode: str, tokens: int, dtype: str = "float32", st
     gc.collect()
     base = rss_kib()
     _reset_hwm()
-    model, _ = build_model(ModelConfig(name_or_path=preset, dtype=dtype, lora_rank=knobs["lora_rank"],
+    # device="cpu": the probe measures host RSS (the planner's CPU mode), also on a machine with a GPU
+    model, _ = build_model(ModelConfig(name_or_path=preset, dtype=dtype, lora_rank=knobs["lora_rank"], device="cpu",
                                        gradient_checkpointing=knobs["gradient_checkpointing"]))
     model.train()
     opt, sched = build_train_optimizer(model, OptimConfig(lr=1e-4, offload_states=knobs["offload"]), steps)

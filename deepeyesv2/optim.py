@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -13,6 +14,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (everything frozen?)")
+    dtypes = {p.dtype for p in params}
+    if torch.float16 in dtypes:
+        raise ValueError("training fp16 weights needs loss scaling, which this trainer does not do: use "
+                         "model.dtype float32 (bf16 autocast on GPU, train.autocast) or bfloat16")
+    if torch.bfloat16 in dtypes and not getattr(cfg, "offload_states", False):
+        warnings.warn("model.dtype=bfloat16 with AdamW on the bf16 weights: updates below bf16's resolution "
+                      "(~lr 1e-6 on O(1) weights) are rounded away. For fp32 master weights use model.dtype "
+                      "float32 (+ bf16 autocast, the GPU default) or optim.offload_states", stacklevel=2)
     # foreach=False keeps the optimizer's peak memory at one parameter's temporaries on CPU.
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=False)
 

@@ -22,11 +22,12 @@ AUTOCAST_MODES = ("auto", "bf16", "off")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda:LOCAL_RANK when CUDA is available, else cpu; anything else as torch.device(name)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    """'auto' -> cuda:LOCAL_RANK when CUDA is available, else cpu; 'cuda' (no index) -> cuda:LOCAL_RANK, so
+    that under torchrun each rank takes its own GPU; anything else as torch.device(name)."""
+    if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     try:
         device = torch.device(name)
     except RuntimeError as e:

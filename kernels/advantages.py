@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import interpreting, jit, use_triton
+from ._triton_utils import check_same_device, interpreting, jit, use_triton
 from .advantages_ref import NORMS
 
 try:  # triton is optional: the torch path works without it
@@ -184,6 +184,7 @@ def group_advantages(
     needing S == N). norm: "std" (GRPO) or "none" (Dr.GRPO).
     Returns (seq_adv [N] fp32, token_adv [T] fp32 or None when cu_seqlens is None).
     """
+    check_same_device(rewards=rewards, group_ids=group_ids, cu_seqlens=cu_seqlens, loss_mask=loss_mask, seq_ids=seq_ids)
     T = _validate(rewards, group_ids, cu_seqlens, loss_mask, seq_ids, norm)
     if cu_seqlens is not None and seq_ids is None:
         seq_ids = torch.arange(cu_seqlens.shape[0] - 1, device=rewards.device)

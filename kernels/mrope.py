@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import interpreting, jit, use_triton
+from ._triton_utils import check_same_device, interpreting, jit, use_triton
 from .mrope_ref import mrope_rows
 
 try:  # triton is optional: the torch path works without it
@@ -158,6 +158,7 @@ def apply_mrope(
     inplace=True writes into q and k (and returns them). Differentiable w.r.t. q and k.
     Returns (q_out, k_out) with the shapes and dtype of q and k.
     """
+    check_same_device(q=q, k=k, position_ids=position_ids, inv_freq=inv_freq)
     _validate(q, k, position_ids, inv_freq, mrope_section)
     if inplace and (q.stride(-1) != 1 or k.stride(-1) != 1):
         raise ValueError("inplace=True needs q and k with a contiguous last dim")

@@ -149,8 +149,10 @@ class _BufferCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         q = key_states.shape[2]
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
-        kb[self.rows, :, self.write : self.write + q] = key_states
-        vb[self.rows, :, self.write : self.write + q] = value_states
+        # Under autocast the keys arrive fp32 (RoPE multiplies by fp32 cos/sin) and the values bf16: store both
+        # in the buffers' dtype (index_put with a tensor of rows refuses a dtype mismatch).
+        kb[self.rows, :, self.write : self.write + q] = key_states.to(kb.dtype)
+        vb[self.rows, :, self.write : self.write + q] = value_states.to(vb.dtype)
         return kb[self.rows, :, self.start : self.write + q], vb[self.rows, :, self.start : self.write + q]
 
 
@@ -299,7 +301,13 @@ class EmbeddedEngine:
         masks = {t: mask for t in set(lm.config.layer_types)}
         out = lm(inputs_embeds=embeds, position_ids=pos, attention_mask=masks, cache=cache, use_cache=False)
         self._stats["forward_calls"] += 1
-        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+        h = out.last_hidden_state[:, -1]
+        if self.autocast_dtype is None:
+            return self.model.lm_head(h).float()
+        # fp32 logits like the trainer's fused kernel (which runs outside autocast): the sampling-time
+        # log-probs are the old policy's, and a bf16 lm_head would put the first ratio off 1
+        with torch.autocast(h.device.type, enabled=False):
+            return self.model.lm_head(h.float()).float()
 
     def _prefill(self, b: int, seq: _Seq, pos: torch.Tensor, keys: list, values: list, lmax: int) -> torch.Tensor:
         """Prefill request b into row b of the buffers (context right-aligned at lmax); logits of its last token."""

@@ -98,10 +98,13 @@ class SGLangEngine:
         return [self._result(o, p["max_new_tokens"], stopper) for o, p in zip(out, params)]
 
     def update_weights(self, model: Any) -> None:
-        """Push the policy's weights (bucketed, frozen ones skipped) and flush the prefix cache once."""
-        named = [(self.name_map(n), p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+        """Push all of the policy's weights (bucketed) and flush the prefix cache once.
+
+        Frozen ones too: `release_memory` frees SGLang's copy of the weights as well (memory saver), so after
+        `resume_memory` every tensor must come back -- and the trainer may hand over a frozen replica (FSDP2)."""
+        named = [(self.name_map(n), p.detach()) for n, p in model.named_parameters()]
         if not named:
-            raise ValueError("update_weights: the model has no trainable parameters to send")
+            raise ValueError("update_weights: the model has no parameters to send")
         buckets, cur, size = [], [], 0
         for name, t in named:
             nbytes = t.numel() * t.element_size()

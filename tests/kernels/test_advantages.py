@@ -103,6 +103,9 @@ def test_bf16_rewards():
     (dict(seq_ids=torch.tensor([0, 1, 2, 3, 9])), "seq_ids"),
     (dict(loss_mask=torch.ones(3, dtype=torch.bool)), "cu_seqlens"),
     (dict(backend="gpu"), "backend"),
+    # a tensor left on another device is named before any launch ("meta" stands in for a host/GPU mix-up)
+    (dict(cu_seqlens=torch.tensor([0, 1, 2, 3, 4, 7], dtype=torch.int32, device="meta")), "cu_seqlens is on meta"),
+    (dict(group_ids=torch.tensor([0, 0, 1, 1, 1], device="meta")), "group_ids is on meta"),
 ])
 def test_validation_errors(kwargs, name):
     args = dict(rewards=torch.rand(5), group_ids=torch.tensor([0, 0, 1, 1, 1]),

@@ -132,6 +132,7 @@ def test_reference_gradcheck_float64():
     (dict(mrope_section=[2, 3, 2]), "mrope_section"),
     (dict(k=torch.randn(7, 2, 8)), "k"),
     (dict(backend="xla"), "backend"),
+    (dict(position_ids=torch.zeros(3, 7, dtype=torch.long, device="meta")), "position_ids is on meta"),
 ])
 def test_validation_errors(change, name):
     args = dict(q=torch.randn(7, 4, 16), k=torch.randn(7, 2, 16), position_ids=torch.zeros(3, 7, dtype=torch.long),

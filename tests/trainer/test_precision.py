@@ -130,3 +130,57 @@ def test_engine_samples_under_bf16_autocast(tiny):
     lp32, lp16 = torch.tensor(o32.logprobs), torch.tensor(o16.logprobs)
     assert not torch.equal(lp32, lp16)
     torch.testing.assert_close(lp16, lp32, atol=0.1, rtol=0.05)
+
+
+def test_engine_batch_under_autocast_gives_the_trainers_logprobs(tiny):
+    """Two requests that finish at different steps (the decode then indexes the K/V buffers with a tensor of
+    live rows, which refuses mixed dtypes) sample under bf16 autocast; their sampling-time log-probs are the
+    trainer's log-probs under the same autocast (fp32 lm_head in both): the first PPO ratio stays ~1."""
+    from deepeyesv2.logprobs import packed_logprobs
+
+    model, proc = tiny
+    model.eval()
+    forced = proc.encode("<think>count them</think><answer>3</answer>")
+    reqs = []
+    for i, question in enumerate(["how many?", "count the red squares in this picture please"]):
+        r = render_chat(proc, [{"role": "user", "content": "<image>" + question}], [_image(7 + i)], add_generation_prompt=True)
+        reqs.append((r, GenerateRequest(r.token_ids, r.pixel_values, r.image_grid_thw, forced_tokens=forced[: 5 + 4 * i])))
+    outs = EmbeddedEngine(model, proc, autocast_dtype=torch.bfloat16).generate([q for _, q in reqs],
+                                                                           SamplingParams(max_new_tokens=32))
+    assert [len(o.token_ids) for o in outs] == [5, 9]
+    for (r, _), o in zip(reqs, outs):
+        ids, mask = r.token_ids + o.token_ids, [0] * len(r.token_ids) + [1] * len(o.token_ids)
+        row = pack([Sample(torch.tensor(ids), torch.tensor(mask), r.pixel_values, r.image_grid_thw, name="x")],
+                   model.config.image_token_id)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lp, _ = packed_logprobs(model, row)
+        torch.testing.assert_close(torch.tensor(o.logprobs), lp[row.loss_mask.bool()], atol=1e-2, rtol=0)
+
+
+def test_attention_kernels_get_one_dtype():
+    """flash-attn / xformers take one half dtype: under autocast q, k (fp32 after RoPE) and v (bf16) are cast
+    to the autocast dtype; outside it everything follows v."""
+    from deepeyesv2.attention import kernel_dtype
+
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in kernel_dtype(q, k, v)} == {torch.bfloat16}
+    assert {t.dtype for t in kernel_dtype(q.half(), k.half(), v.half())} == {torch.float16}
+    assert {t.dtype for t in kernel_dtype(q, k, v)} == {torch.bfloat16}
+
+
+def test_training_precision_guards(monkeypatch):
+    """fp16 weights cannot be trained without loss scaling (error); bf16 weights under plain AdamW warn that
+    small updates round away; optimizer offload is refused under torchrun (FSDP2 shards the states)."""
+    import deepeyesv2.distributed as dist_mod
+    from deepeyesv2.config import OptimConfig
+    from deepeyesv2.memory import build_train_optimizer
+
+    lin = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="fp16 weights needs loss scaling"):
+        build_optimizer(lin.half(), OptimConfig(), 10)
+    with pytest.warns(UserWarning, match="bf16's resolution"):
+        build_optimizer(lin.bfloat16(), OptimConfig(), 10)
+    monkeypatch.setattr(dist_mod, "is_distributed", lambda: True)
+    with pytest.raises(ValueError, match="offload_states is not supported under torchrun"):
+        build_train_optimizer(lin.float(), OptimConfig(offload_states=True), 10)
