@@ -21,6 +21,7 @@ Backends: NCCL on CUDA, gloo on CPU (the CPU path is what the tests run).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -157,6 +158,8 @@ class DataParallel:
     root: PackedPolicy
     rank: int
     world_size: int
+    reshard_after_forward: bool = True
+    _root_ran: bool = False
 
     @classmethod
     def shard(cls, model: torch.nn.Module, reshard_after_forward: bool = True) -> "DataParallel":
@@ -185,7 +188,7 @@ class DataParallel:
                 # ranks, not averaged. (Forcing a plain sum also avoids PREMUL_SUM, which gloo lacks.)
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)
-        return cls(model, root, dist.get_rank(), dist.get_world_size())
+        return cls(model, root, dist.get_rank(), dist.get_world_size(), reshard_after_forward)
 
     # -- the training step --------------------------------------------------------------------------
     def local_rows(self, rows: list) -> list:
@@ -205,16 +208,28 @@ class DataParallel:
         """fn(policy, *args, **kwargs) as one FSDP2 forward (its backward reduces the gradients)."""
         return self.root(fn, *args, **kwargs)
 
-    @torch.no_grad()
-    def copy_weights_to(self, replica: torch.nn.Module) -> None:
-        """Gather the full weights into `replica`, a plain (unsharded) copy of the model with the same
-        parameter names -- the rollout engine's model. Collective; one parameter in flight at a time."""
-        from torch.distributed.tensor import DTensor
+    @contextmanager
+    def full_weights(self):
+        """Collective. Inside: every FSDP2 unit all-gathered once and kept gathered, so `policy` holds plain full
+        tensors and any number of forwards issue no collectives (rollouts, no-grad log-prob passes; ranks may run
+        different numbers of them). On exit the units reshard: only the shards stay between rollouts."""
+        from torch.distributed.fsdp import FSDPModule
 
-        mine = dict(self.policy.named_parameters())
-        for name, p in replica.named_parameters():
-            src = mine[name]
-            p.copy_(src.full_tensor() if isinstance(src, DTensor) else src)
+        if not self._root_ran:
+            # FSDP2 takes the first module to run forward as its root: make it ours, not a layer the engine calls.
+            with torch.no_grad():
+                self.root(lambda policy: None)
+            self._root_ran = True
+        units = [m for m in self.root.modules() if isinstance(m, FSDPModule)]
+        self.root.set_reshard_after_forward(False, recurse=True)
+        for m in units:
+            m.unshard()
+        try:
+            yield self.policy
+        finally:
+            for m in units:
+                m.reshard()
+            self.root.set_reshard_after_forward(self.reshard_after_forward, recurse=True)
 
     def set_sync(self, sync: bool) -> None:
         """Reduce-scatter gradients in the coming backward (True) or keep accumulating locally (False)."""

@@ -19,8 +19,8 @@ share of the step's prompts on a full replica of the weights and trains its shar
 
 from __future__ import annotations
 
-import copy
 import time
+from contextlib import nullcontext
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,20 +189,21 @@ def policy_loss(model, row: PackedBatch, adv: torch.Tensor, cfg: Config, num_tok
 
 
 def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg: Config, ref_model=None,
-                  dp: DataParallel | None = None, old_policy=None) -> dict:
+                  dp: DataParallel | None = None, full_weights=nullcontext) -> dict:
     """ppo_epochs x mini_batches optimizer steps over the packed rows.
 
     With `dp` (FSDP2 over ranks) `rows` are this rank's rows; every mini-batch's loss is normalised by the
     global token count and gradients are summed over ranks, so the update equals one process training on
     all ranks' rows. A rank with fewer rows in a mini-batch runs zero-weighted passes over one of its rows,
-    because every rank must run as many FSDP2 forwards/backwards (they are collectives). `old_policy`: the
-    module that recomputes old log-probs (the rollout replica under FSDP2; default: `model`)."""
+    because every rank must run as many FSDP2 forwards/backwards (they are collectives). `full_weights`: the
+    context in which `model` holds its full weights (dp.full_weights under FSDP2) for the no-grad recompute
+    of the old log-probs, which each rank runs over its own rows."""
     budget = cfg.train.logprob_tokens_budget
-    autocast = amp(cfg.train.autocast, old_policy or model)
+    autocast = amp(cfg.train.autocast, model)
     if cfg.rl.recompute_old_logprobs:
-        for row in rows:
-            with autocast():
-                row.token_fields["old_logprobs"] = budgeted_logprobs(old_policy or model, row, cfg.rollout.temperature or 1.0, budget)
+        with full_weights(), autocast():
+            for row in rows:
+                row.token_fields["old_logprobs"] = budgeted_logprobs(model, row, cfg.rollout.temperature or 1.0, budget)
     if cfg.rl.kl_coef > 0 and hasattr(ref_model, "row_logprobs"):
         # All reference log-probs up front: a CPU-parked reference visits the device once, before any
         # training activations exist; with LoRA it is the policy itself with adapters off.
@@ -260,9 +261,9 @@ def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg
 
 def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None, processor=None,
              rollouts: Rollouts | None = None, reward_fn=None, progress: bool | None = None) -> dict:
-    """The RL loop. Under torchrun with > 1 ranks the policy is sharded with FSDP2 (deepeyesv2.distributed)
-    and each rank keeps a full, frozen replica of the weights for its rollout engine (what a colocated
-    SGLang/vLLM engine holds too), refreshed by an all-gather after every update; each rank rolls out its
+    """The RL loop. Under torchrun with > 1 ranks the policy is sharded with FSDP2 (deepeyesv2.distributed):
+    each step all-gathers the full weights once for the rollouts (the engine samples from the gathered policy
+    itself, or SGLang is pushed the gathered tensors) and reshards them for the update; each rank rolls out its
     share of the step's prompts and trains on its own episodes."""
     torch.manual_seed(cfg.train.seed)
     if model is None:
@@ -277,19 +278,16 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
     if is_lora(model) and cfg.rollout.engine == "sglang":
         raise ValueError("model.lora_rank > 0 with rollout.engine='sglang' is not supported (SGLang would need "
                          "merged weights each step); use rollout.engine='embedded'")
-    # The KL reference and the rollout replica are plain copies, taken before sharding.
+    # The KL reference (a frozen copy unless LoRA) is taken before sharding: a plain module on every rank.
     ref_model = make_reference(model, cfg.rl.kl_coef, cfg.rl.ref_on_cpu)
-    dp = None
+    dp = DataParallel.shard(model) if distributed.init_from_env() else None
+    full_weights = dp.full_weights if dp is not None else nullcontext
     rollout_model = unwrap_model(model)
-    if distributed.init_from_env():
-        rollout_model = copy.deepcopy(rollout_model).eval().requires_grad_(False)
-        dp = DataParallel.shard(model)
     main = distributed.is_main()
     show = (cfg.train.progress if progress is None else progress) and main
     own_rollouts = rollouts is None
-    rollouts = rollouts or make_rollouts(rollout_model, processor, cfg, progress=show)
-    if dp is not None:
-        rollouts.engine.update_weights(rollout_model)  # a caller's engine was built on the now-sharded model
+    with full_weights():  # SGLang starts from the full weights
+        rollouts = rollouts or make_rollouts(rollout_model, processor, cfg, progress=show)
     opt, sched = build_train_optimizer(model, cfg.optim, cfg.train.steps * cfg.rl.ppo_epochs * cfg.rl.mini_batches)
     out = Path(cfg.train.out_dir)
     logger = MetricsLogger(out)
@@ -300,8 +298,6 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
             step, state, _ = load_checkpoint(ckpt, model, opt, sched)
         else:
             step, state, _ = dp.load_checkpoint(ckpt, opt, sched)
-            dp.copy_weights_to(rollout_model)
-        rollouts.engine.update_weights(rollout_model)
     if main:
         logger.truncate_after(step)  # a fresh run (step 0) starts an empty metrics.jsonl
     order = ShuffledIterator(len(prompts), state)
@@ -315,7 +311,10 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
             # step exactly. The rollouts' per-call offset (refills) restarts each step; the base is spaced
             # far enough apart that no two steps share a seed.
             rollouts.start_step((cfg.train.seed * 100_003 + step) * 1_000_003)
-            groups, ds = collect_groups(rollouts, prompts, order, processor, reward_fn, cfg)
+            with full_weights():
+                # the weights this step samples from (embedded: re-point, drop K/V of older weights; SGLang: push)
+                rollouts.engine.update_weights(rollout_model)
+                groups, ds = collect_groups(rollouts, prompts, order, processor, reward_fn, cfg)
             t_roll = time.perf_counter() - t0
             rows, rewards, gids = build_rows(groups, cfg.train.tokens_per_batch, processor)
             # The embedded engine's KV cache is dead weight during the update: free it (colocated memory).
@@ -326,14 +325,10 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
             model.train()
             t1 = time.perf_counter()
             lr = sched.get_last_lr()[0]  # the rate this step's first update uses
-            upd = update_policy(model, opt, sched, rows, rewards, gids, cfg, ref_model, dp=dp,
-                                old_policy=rollout_model if dp is not None else None)
+            upd = update_policy(model, opt, sched, rows, rewards, gids, cfg, ref_model, dp=dp, full_weights=full_weights)
             t_train = time.perf_counter() - t1
             if callable(resume := getattr(rollouts.engine, "resume_memory", None)):
                 resume()
-            if dp is not None:
-                dp.copy_weights_to(rollout_model)
-            rollouts.engine.update_weights(rollout_model)
             step += 1
             trained = int(all_sum(sum(int(r.loss_mask.sum()) for r in rows)))
             episodes = [e for part in distributed.all_gather_objects(episode_summaries(groups)) for e in part]
@@ -352,6 +347,9 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
                     save_checkpoint(out, step, model, processor, opt, sched, order.state, {"stage": "rl"})
                 else:
                     dp.save_checkpoint(out, step, processor, opt, sched, order.state, {"stage": "rl"})
+        if last:
+            with full_weights():  # leave the engine on the final weights (a caller may keep sampling)
+                rollouts.engine.update_weights(rollout_model)
     finally:
         bar.close()
         logger.close()

@@ -94,10 +94,11 @@ def test_cache_empty_during_update_and_rollouts_unchanged(tmp_path, monkeypatch,
     finally:
         rollouts.close()
     names = [e[0] for e in events]
-    assert names == ["clear_cache", "release_memory", "update_policy", "update_done", "resume_memory",
-                     "update_weights"], events
-    assert events[0][1] > 0, "the rollouts of the step should have filled the prefix cache"
-    assert all(n == 0 for name, n in events[1:4]), f"KV cache not empty during the update: {events}"
+    # the step syncs the engine before its rollouts, and once more at the end on the final weights
+    assert names == ["update_weights", "clear_cache", "release_memory", "update_policy", "update_done",
+                     "resume_memory", "update_weights"], events
+    assert events[1][1] > 0, "the rollouts of the step should have filled the prefix cache"
+    assert all(n == 0 for name, n in events[2:5]), f"KV cache not empty during the update: {events}"
     for n, p in model.named_parameters():
         assert torch.equal(p, params_before[n]), f"lr=0 changed {n}"
     model.eval()
