@@ -1,6 +1,7 @@
 """Data parallelism over torchrun ranks with FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
     torchrun --nproc_per_node 8 -m deepeyesv2 sft --config run.yaml     (or python -m torch.distributed.run)
+    torchrun --nproc_per_node 8 -m deepeyesv2 rl  --config run.yaml
 
 What a rank does, and why the numbers equal a single-process run's:
   - every rank builds the same model (same seed) and the same packed rows; rank r trains on rows
@@ -15,6 +16,10 @@ What a rank does, and why the numbers equal a single-process run's:
   - only rank 0 logs and writes checkpoints; a checkpoint holds the full (gathered) weights in HF format
     and the optimizer state in the single-process layout, so single-process and distributed runs can
     resume each other's checkpoints.
+  - RL (deepeyesv2.rl.train_rl): `full_weights()` all-gathers every unit once per step and keeps it gathered
+    for the rollouts (forwards then issue no collectives, so ranks may sample different numbers of tokens);
+    the update then runs on this rank's own episodes with the same global-token normalisation, padding with
+    zero-weighted passes where a rank has fewer packed rows than another.
 Backends: NCCL on CUDA, gloo on CPU (the CPU path is what the tests run).
 """
 
