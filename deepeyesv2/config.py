@@ -49,6 +49,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     autocast: str = "auto"  # auto = bf16 autocast on CUDA for fp32 weights | bf16 | off (deepeyesv2.precision)
+    tf32: bool = True  # on CUDA: fp32 matmuls (lm-head kernels, engine logits) on tf32 tensor cores
     logprob_tokens_budget: int = 0  # no-grad log-prob passes (old / reference) take <= this many tokens at once; 0 = a whole row
 
 

@@ -8,6 +8,8 @@ dtype -- mixed precision with fp32 master weights:
   bf16  always (also on the CPU, which is how the CPU tests exercise the GPU's setting)
   off   never
 The backward runs outside the autocast region, as torch recommends; autograd replays the forward's dtypes.
+`train.tf32` (CUDA only) lets the remaining fp32 matmuls -- the fused lm-head kernels, the engine's logits --
+use tf32 tensor cores (torch.set_float32_matmul_precision("high"), which the kernels follow as torch does).
 """
 
 from __future__ import annotations
@@ -55,3 +57,10 @@ def amp(mode: str, model: torch.nn.Module) -> Callable[[], ContextManager]:
     if dtype is None:
         return nullcontext
     return lambda: torch.autocast(p.device.type, dtype=dtype)
+
+
+def set_matmul_precision(tf32: bool, device: torch.device) -> None:
+    """train.tf32 on a CUDA device: torch.set_float32_matmul_precision("high") (else "highest"). Process-wide,
+    as the setting itself is; a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")

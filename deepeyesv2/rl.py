@@ -44,7 +44,7 @@ from .memory import budgeted_logprobs, build_train_optimizer
 from .model import build_model, packed_hidden, unwrap_model
 from .optim import clip_and_step
 from .packing import PackedBatch, Sample, pack_by_budget
-from .precision import amp
+from .precision import amp, set_matmul_precision
 from .rewards import RewardResult, get_reward_fn, overlong_penalty, reward_input_from_trajectory, score
 from .reference import make_reference
 from .rollouts import Rollouts, make_rollouts
@@ -281,6 +281,7 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
     # The KL reference (a frozen copy unless LoRA) is taken before sharding: a plain module on every rank.
     ref_model = make_reference(model, cfg.rl.kl_coef, cfg.rl.ref_on_cpu)
     dp = DataParallel.shard(model) if distributed.init_from_env() else None
+    set_matmul_precision(cfg.train.tf32, next(model.parameters()).device)
     full_weights = dp.full_weights if dp is not None else nullcontext
     rollout_model = unwrap_model(model)
     main = distributed.is_main()

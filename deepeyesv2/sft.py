@@ -26,7 +26,7 @@ from .model import build_model
 from .memory import build_train_optimizer
 from .optim import clip_and_step
 from .packing import PackedBatch, Sample, pack_by_budget
-from .precision import amp
+from .precision import amp, set_matmul_precision
 
 
 def epoch_rows(samples: list[Sample], budget: int, image_token_id: int, seed: int, epoch: int) -> list[PackedBatch]:
@@ -79,6 +79,7 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
     total_steps = min(cfg.train.steps, steps_per_epoch * cfg.train.epochs)
     opt, sched = build_train_optimizer(model, cfg.optim, total_steps)
     autocast = amp(cfg.train.autocast, model)
+    set_matmul_precision(cfg.train.tf32, next(model.parameters()).device)
     out = Path(cfg.train.out_dir)
     logger = MetricsLogger(out)
     step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)

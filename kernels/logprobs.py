@@ -227,11 +227,16 @@ if triton is not None:
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    # fp32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error in the logits).
+    # fp32 inputs follow torch's own switch, torch.set_float32_matmul_precision: true fp32 products by default
+    # ("highest"), tf32 tensor cores at "high"/"medium" (~1e-3 relative error in the logits, ~8x the GEMM rate
+    # on Hopper) -- the same choice torch's matmuls make, so sampling and training agree.
     # The Triton 3.9 interpreter returns garbage for bf16/fp16 tl.dot on CPU, so there the tiles are upcast to
     # fp32 before the product (exact: bf16/fp16 values are representable in fp32); on the GPU they stay 16-bit.
     low = dtype != torch.float32
-    return dict(DOT_PRECISION="ieee" if (not low or _interpret()) else "tf32", DOT_UPCAST=low and _interpret())
+    if _interpret():
+        return dict(DOT_PRECISION="ieee", DOT_UPCAST=low)
+    fp32_fast = torch.get_float32_matmul_precision() != "highest"
+    return dict(DOT_PRECISION="tf32" if (low or fp32_fast) else "ieee", DOT_UPCAST=False)
 
 
 def _fwd_config(device: torch.device) -> dict:

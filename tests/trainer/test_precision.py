@@ -184,3 +184,28 @@ def test_training_precision_guards(monkeypatch):
     monkeypatch.setattr(dist_mod, "is_distributed", lambda: True)
     with pytest.raises(ValueError, match="offload_states is not supported under torchrun"):
         build_train_optimizer(lin.float(), OptimConfig(offload_states=True), 10)
+
+
+def test_fp32_kernel_products_follow_torchs_matmul_precision(monkeypatch):
+    """The fused kernels' fp32 GEMMs use tf32 exactly when torch's own fp32 matmuls do
+    (torch.set_float32_matmul_precision); bf16 inputs always use the tensor cores; the CPU interpreter stays exact.
+    train.tf32 sets the switch on CUDA only."""
+    from deepeyesv2.precision import set_matmul_precision
+    from deepeyesv2_kernels import logprobs as lp
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        monkeypatch.setattr(lp, "_interpret", lambda: False)  # as compiled for a GPU
+        torch.set_float32_matmul_precision("highest")
+        assert lp._dot_args(torch.float32) == {"DOT_PRECISION": "ieee", "DOT_UPCAST": False}
+        assert lp._dot_args(torch.bfloat16) == {"DOT_PRECISION": "tf32", "DOT_UPCAST": False}
+        torch.set_float32_matmul_precision("high")
+        assert lp._dot_args(torch.float32) == {"DOT_PRECISION": "tf32", "DOT_UPCAST": False}
+        monkeypatch.setattr(lp, "_interpret", lambda: True)
+        assert lp._dot_args(torch.float32) == {"DOT_PRECISION": "ieee", "DOT_UPCAST": False}
+        assert lp._dot_args(torch.bfloat16) == {"DOT_PRECISION": "ieee", "DOT_UPCAST": True}
+        torch.set_float32_matmul_precision("highest")
+        set_matmul_precision(True, torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"  # the CPU is left alone
+    finally:
+        torch.set_float32_matmul_precision(before)
