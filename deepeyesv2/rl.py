@@ -14,7 +14,8 @@ reference policy for the optional KL term is the base model with LoRA adapters o
 the initial weights (in host memory with rl.ref_on_cpu); see deepeyesv2.reference.
 
 Rollout and training are colocated; no value model (GRPO). Under torchrun (FSDP2) every rank rolls out its
-share of the step's prompts on a full replica of the weights and trains its shards on its own episodes.
+share of the step's prompts on the weights all-gathered for the rollouts and trains its shards on its own
+episodes.
 """
 
 from __future__ import annotations

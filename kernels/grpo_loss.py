@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import interpreting, jit, use_triton
+from ._triton_utils import check_same_device, interpreting, jit, use_triton
 from .grpo_loss_ref import KL_ESTIMATORS, LOSS_AGGS, grpo_token_terms_ref
 
 try:  # triton is optional: the torch path works without it
@@ -249,12 +249,9 @@ def _validate(logprobs, old_logprobs, advantages, loss_mask, cu_seqlens, ref_log
     T = logprobs.shape[0]
     named = {"old_logprobs": old_logprobs, "advantages": advantages, "ref_logprobs": ref_logprobs, "entropy": entropy}
     for name, t in named.items():
-        if t is None:
-            continue
-        if t.shape != (T,) or not t.is_floating_point():
+        if t is not None and (t.shape != (T,) or not t.is_floating_point()):
             raise ValueError(f"{name} must be a float tensor of shape [{T}], got {tuple(t.shape)} {t.dtype}")
-        if t.device != logprobs.device:
-            raise ValueError(f"{name} is on {t.device}, logprobs on {logprobs.device}")
+    check_same_device(logprobs=logprobs, **named)
     if loss_mask.shape != (T,) or loss_mask.dtype != torch.bool:
         raise ValueError(f"loss_mask must be a bool tensor of shape [{T}], got {tuple(loss_mask.shape)} "
                          f"{loss_mask.dtype}")

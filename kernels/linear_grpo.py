@@ -102,8 +102,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             return _chunk_token_grads(lp_c, ent_c, w[c0:c1], extra, cfg)
 
         if backend == "torch":
-            grads = _tiled_torch_forward(hidden, weight, bias, safe_targets, inv_temp, need_h, need_w, need_b, chunk_grads,
-                                   cfg["entropy_coef"] != 0.0)
+            grads = _tiled_torch_forward(hidden, weight, bias, safe_targets, inv_temp, need_h, need_w, need_b, chunk_grads)
         else:
             grads = _triton_forward(hidden, weight, bias, targets, inv_temp, need_h, need_w, need_b, chunk_grads)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
@@ -120,8 +119,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None, None)
 
 
-def _tiled_torch_forward(hidden, weight, bias, safe_targets, inv_temp, need_h, need_w, need_b, chunk_grads,
-                         entropy_in_loss):
+def _tiled_torch_forward(hidden, weight, bias, safe_targets, inv_temp, need_h, need_w, need_b, chunk_grads):
     """Vocab-tiled CPU path: the log-prob statistics for all tokens (one pass over [Tc, Vb] tiles), the token
     gradients, then the parameter gradients (a second pass that recomputes each tile). Memory: two tiles,
     never a [Tc, V] chunk of logits."""

@@ -37,6 +37,8 @@ import math
 
 import torch
 
+from ._triton_utils import check_same_device
+
 # Size of one [Tc, Vb] fp32 tile of the vocab-tiled log-prob path; two are alive at its peak. On 2 CPU cores the GEMMs
 # dominate and tiles of 16-128 MiB timed alike when the machine was quiet; under load, 64-128 MiB did better than
 # 32 MiB (fewer ops per pass, so fewer thread barriers stalled by a descheduled thread). 64 MiB: Vb = 4096 at
@@ -90,9 +92,8 @@ def validate_logprobs_inputs(
         if loss_mask.dtype != torch.bool:
             raise ValueError(f"loss_mask must be bool, got {loss_mask.dtype}")
         named.append(("loss_mask", loss_mask))
+    check_same_device(**dict(named))  # named starts with hidden
     for name, t in named:
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):

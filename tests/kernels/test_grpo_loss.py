@@ -173,6 +173,7 @@ def test_reference_gradcheck_float64():
     (dict(loss_mask=torch.ones(7)), "loss_mask"),
     (dict(dual_clip=0.5), "dual_clip"),
     (dict(backend="cuda"), "backend"),
+    (dict(advantages=torch.zeros(7, device="meta")), "advantages is on meta, logprobs on cpu"),
 ])
 def test_validation_errors(bad, name):
     batch = make_batch([3, 4], seed=0)

@@ -272,9 +272,10 @@ def _good():
         (lambda h, w, y: (h, w, torch.tensor([0, 3, -5, 1])), "targets"),
         (lambda h, w, y: (h, w, y[:3]), "targets"),
         (lambda h, w, y: (h[0], w, y), "hidden"),
+        (lambda h, w, y: (h, w.to("meta"), y), "weight is on meta, hidden on cpu"),
     ],
     ids=["non-contiguous", "dtype", "H-mismatch", "int32-targets", "target-too-big", "target-negative",
-         "targets-shape", "hidden-1d"],
+         "targets-shape", "hidden-1d", "weight-on-other-device"],
 )
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_bad_inputs_raise(mutate, word, backend):
