@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         info(forward="--no-forward" not in rest)
         return 0
     if cmd in ("sft", "rl"):
-        from .config import ConfigError, config_from_namespace, config_parser
+        from .config import ConfigError, config_from_namespace, config_parser, validate
 
         parser = config_parser(prog=f"deepeyesv2 {cmd}")
         try:
-            cfg = config_from_namespace(parser, parser.parse_args(rest))
-        except (ConfigError, Exception) as e:  # jsonargparse errors name the bad key
+            # every value's range / allowed values are checked here, before any model or data is loaded
+            cfg = validate(config_from_namespace(parser, parser.parse_args(rest)))
+        except (ConfigError, Exception) as e:  # jsonargparse errors and ours name the bad key
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             print(f"deepeyesv2 {cmd}: config error: {' '.join(lines[:2])}", file=sys.stderr)
             return 2

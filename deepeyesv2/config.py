@@ -7,9 +7,11 @@ CLI flags are the dataclass field names, and an unknown key is an error that nam
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -22,6 +24,7 @@ class DataConfig:
     eval_path: str = ""
     image_root: str = ""  # relative image paths resolve against this (default: the JSONL's folder)
     max_bad_lines: int = 0  # corrupt JSONL lines tolerated (counted, reported) before failing
+    max_image_pixels: int = 89_478_485  # larger images are refused at load (PIL's decompression-bomb warning size)
 
 
 @dataclass
@@ -46,7 +49,8 @@ class TrainConfig:
     save_every: int = 50
     log_every: int = 1
     seed: int = 0
-    resume: bool = False
+    resume: bool = False  # continue from the newest checkpoint in out_dir that verifies
+    overwrite: bool = False  # clear a finished run's metrics and checkpoints in out_dir and start over
     progress: bool = True
     autocast: str = "auto"  # auto = bf16 autocast on CUDA for fp32 weights | bf16 | off (deepeyesv2.precision)
     tf32: bool = True  # on CUDA: fp32 matmuls (lm-head kernels, engine logits) on tf32 tensor cores
@@ -105,6 +109,185 @@ class ConfigError(ValueError):
     pass
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Constraints: one entry per field, checked by `validate` before anything is built (a bad value fails in one
+# line naming the dotted key and what is allowed, instead of deep inside a step). tests/trainer/
+# test_config_validation.py checks that every field of `Config` has an entry here.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """A predicate on one field's value and the words that say what it allows."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    words = "an integer" + (f" >= {lo}" if lo is not None and hi is None else "") + (
+        f" in [{lo}, {hi}]" if lo is not None and hi is not None else "")
+    return Check(lambda v: isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
+                 and (hi is None or v <= hi), words)
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Check:
+    """A finite number in the interval; `lo_open` / `hi_open` exclude the bound."""
+    def ok(v: Any) -> bool:
+        if not _is_num(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return hi is None or (v < hi if hi_open else v <= hi)
+
+    if lo is not None and hi is not None:
+        words = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        words = f"a number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        words = "a finite number"
+    return Check(ok, words)
+
+
+def one_of(*values: str) -> Check:
+    return Check(lambda v: v in values, "one of " + ", ".join(repr(x) for x in values))
+
+
+def optional(check: Check) -> Check:
+    return Check(lambda v: v is None or check.ok(v), f"null or {check.allowed}")
+
+
+BOOL = Check(lambda v: isinstance(v, bool), "true or false")
+TEXT = Check(lambda v: isinstance(v, str), "a string")
+NONEMPTY = Check(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+
+
+def _device_ok(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None
+
+
+def _reward_ok(v: Any) -> bool:
+    from .rewards import REWARD_FNS
+
+    return isinstance(v, str) and (v in REWARD_FNS or re.fullmatch(r"[\w.]+:[\w.]+", v) is not None)
+
+
+def _lora_targets_ok(v: Any) -> bool:
+    from .lora import _ATTN, _MLP
+
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(t in _ATTN | _MLP for t in v)
+
+
+def _betas_ok(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)
+
+
+def constraints() -> dict[str, Check]:
+    """Dotted key -> Check, for every field of Config."""
+    from deepeyesv2_kernels.grpo_loss_ref import KL_ESTIMATORS, LOSS_AGGS
+
+    from .attention import BACKENDS
+
+    return {
+        "model.name_or_path": NONEMPTY,
+        "model.dtype": one_of("float32", "bfloat16", "float16"),
+        "model.attn_backend": one_of(*BACKENDS),
+        "model.seed": integer(0),
+        "model.device": Check(_device_ok, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+        "model.freeze_vision": BOOL,
+        "model.gradient_checkpointing": BOOL,
+        "model.lora_rank": integer(0),
+        "model.lora_alpha": number(0, lo_open=True),
+        "model.lora_dropout": number(0, 1, hi_open=True),
+        "model.lora_targets": Check(_lora_targets_ok, "a non-empty list of q_proj, k_proj, v_proj, o_proj, "
+                                                      "gate_proj, up_proj, down_proj"),
+        "data.train_path": TEXT,
+        "data.eval_path": TEXT,
+        "data.image_root": TEXT,
+        "data.max_bad_lines": integer(0),
+        "data.max_image_pixels": integer(1),
+        "optim.lr": number(0, lo_open=True),
+        "optim.weight_decay": number(0),
+        "optim.betas": Check(_betas_ok, "two numbers in [0, 1)"),
+        "optim.warmup_steps": integer(0),
+        "optim.min_lr_ratio": number(0, 1),
+        "optim.grad_clip": number(0),  # 0 = no clipping
+        "optim.grad_accum": integer(1),
+        "optim.offload_states": BOOL,
+        "train.out_dir": NONEMPTY,
+        "train.steps": integer(1),
+        "train.epochs": integer(1),
+        "train.tokens_per_batch": integer(1),
+        "train.rows_per_step": integer(1),
+        "train.save_every": integer(1),
+        "train.log_every": integer(1),
+        "train.seed": integer(0),  # numpy's default_rng takes non-negative seeds only
+        "train.resume": BOOL,
+        "train.overwrite": BOOL,
+        "train.progress": BOOL,
+        "train.autocast": one_of("auto", "bf16", "off"),
+        "train.tf32": BOOL,
+        "train.logprob_tokens_budget": integer(0),
+        "rollout.engine": one_of("embedded", "sglang"),
+        "rollout.sglang_mem_fraction": number(0, 1, lo_open=True, hi_open=True),
+        "rollout.temperature": number(0),  # 0 = greedy
+        "rollout.top_p": number(0, 1, lo_open=True),
+        "rollout.max_new_tokens": integer(1),
+        "rollout.max_turns": integer(1),
+        "rollout.max_total_tokens": integer(1),
+        "rollout.max_images": integer(0),
+        "rollout.cache_tokens": integer(0),
+        "rollout.sandbox_workers": integer(0),
+        "rollout.code_timeout_s": number(0, lo_open=True),
+        "rl.prompts_per_step": integer(1),
+        # one sample per group has advantage 0 (its own group mean): it would train on nothing, silently
+        "rl.group_size": integer(2),
+        "rl.ppo_epochs": integer(1),
+        "rl.mini_batches": integer(1),
+        "rl.clip_low": number(0, 1, hi_open=True),
+        "rl.clip_high": number(0),
+        "rl.dual_clip": optional(number(1, lo_open=True)),
+        "rl.kl_coef": number(0),
+        "rl.kl_estimator": one_of(*KL_ESTIMATORS),
+        "rl.ref_on_cpu": BOOL,
+        "rl.loss_agg": one_of(*LOSS_AGGS),
+        "rl.adv_norm": one_of("std", "none"),
+        "rl.dynamic_sampling": BOOL,
+        "rl.max_refill_rounds": integer(0),
+        "rl.overlong_buffer": integer(0),
+        "rl.overlong_penalty": number(0),
+        "rl.entropy_coef": number(),
+        "rl.recompute_old_logprobs": BOOL,
+        "rl.reward": Check(_reward_ok, "'deepeyesv2', 'deepeyes_v1' or a 'package.module:function' path"),
+    }
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field's range or allowed values (and the few that constrain each other); ConfigError naming
+    the dotted key and what is allowed. Returns cfg."""
+    for key, check in constraints().items():
+        v = _value(cfg, key)
+        if not check.ok(v):
+            raise ConfigError(f"{key}={v!r}: must be {check.allowed}")
+    if cfg.rl.overlong_buffer >= cfg.rollout.max_total_tokens:
+        raise ConfigError(f"rl.overlong_buffer={cfg.rl.overlong_buffer}: must be smaller than "
+                          f"rollout.max_total_tokens={cfg.rollout.max_total_tokens} (the penalty starts at "
+                          f"max_total_tokens - overlong_buffer)")
+    if cfg.train.resume and cfg.train.overwrite:
+        raise ConfigError("train.resume=True and train.overwrite=True: choose one (resume continues the run in "
+                          "train.out_dir, overwrite clears it)")
+    return cfg
+
+
 def config_parser(prog: str = "deepeyesv2"):
     """jsonargparse parser over `Config`: `--config file.yaml` plus dotted overrides (`--rl.group_size 8`)."""
     import os
@@ -138,7 +321,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     except Exception as e:  # jsonargparse raises ArgumentError/SystemExit-like errors with the key named
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise ConfigError(" ".join(lines[:2]) or repr(e)) from None
-    return config_from_namespace(parser, ns)
+    return validate(config_from_namespace(parser, ns))
 
 
 def to_dict(cfg: Config) -> dict:
