@@ -13,6 +13,8 @@ including user turns that carry tool results, have loss mask 0.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from deepeyesv2_rollout.chat import ChatFormatError, ChatProcessor, load_image, render_chat
 
@@ -28,6 +31,8 @@ from .packing import Sample
 from .rewards import ANSWER_TYPES
 
 PROMPT_CATEGORIES = ("perception", "search", "reasoning", "integration")  # RealX-Bench's four
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # default of data.max_image_pixels: PIL's decompression-bomb warning size
+MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's smart_resize refuses an image whose long side is over 200x the short one
 
 
 class DataError(ValueError):
@@ -115,6 +120,53 @@ def record_name(rec: dict, index: int, source: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def check_image(ref: Any, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int] | None:
+    """(width, height) of an image file, data URI / base64 string or bytes, read from its header without
+    decoding the pixels, after a structural check (PIL's `verify`: for PNG every chunk's CRC, which finds
+    truncation and bit flips; formats without checksums, e.g. JPEG, are only fully checked when decoded).
+    DataError naming `where` for an unreadable image, one over `max_pixels` (data.max_image_pixels) or one
+    the vision processor would refuse (aspect ratio over 200). None for references it does not read
+    (PIL images, dicts): those are checked when decoded."""
+    if isinstance(ref, (bytes, bytearray)):
+        src: Any = io.BytesIO(ref)
+    elif isinstance(ref, str) and (ref.startswith("data:image") or len(ref) > 512):
+        try:
+            src = io.BytesIO(base64.b64decode(ref.split(",", 1)[1] if ref.startswith("data:") else ref))
+        except ValueError as e:
+            raise DataError(f"{where}: cannot decode image (invalid base64: {e})") from None
+    elif isinstance(ref, (str, Path)):
+        src = Path(ref)
+        if not src.is_file():
+            raise DataError(f"{where}: image not found: {src}")
+    else:
+        return None
+    try:
+        with warnings.catch_warnings():
+            # the pixel cap below is ours (data.max_image_pixels); PIL's warning about the same would be noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(src) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise DataError(f"{where}: image is {width}x{height} = {width * height:,} pixels, over "
+                                    f"data.max_image_pixels={max_pixels:,}")
+                im.verify()
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL refuses > 2x its limit before telling the size
+        raise DataError(f"{where}: image is over data.max_image_pixels={max_pixels:,} ({e})") from None
+    except Exception as e:  # PIL raises a zoo of types for corrupt data
+        raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+    if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise DataError(f"{where}: image is {width}x{height}, an aspect ratio over {MAX_ASPECT_RATIO} that the "
+                        f"vision processor refuses")
+    return width, height
+
+
+# ---------------------------------------------------------------------------------------------
 # SFT
 # ---------------------------------------------------------------------------------------------
 
@@ -180,13 +232,24 @@ def _describe(ref: Any) -> str:
     return type(ref).__name__
 
 
-def _load_images(messages: list[dict], images: list[Any], base_dir: str | Path | None, name: str) -> tuple[list[dict], list[Any]]:
+def _load_images(messages: list[dict], images: list[Any], base_dir: str | Path | None, name: str,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[dict], list[Any]]:
     """Decode every image up front so that an error names the record and the image reference."""
     def load(ref: Any, k: str) -> Any:
         if isinstance(ref, dict):  # {"path": ...} / {"bytes": ...} as datasets write them
             ref = ref.get("path") or ref.get("bytes") or ref.get("url") or ref.get("image")
+        where = f"{name}: image {k} ({_describe(ref)})"
+        # the header first: an oversized image is refused before its pixels are decoded (a missing file is
+        # left to load_image, whose message says so)
+        inline = isinstance(ref, (bytes, bytearray)) or (isinstance(ref, str) and (ref.startswith("data:") or len(ref) > 512))
+        if inline:
+            check_image(ref, where, max_pixels)
+        elif isinstance(ref, (str, Path)):
+            p = Path(ref) if Path(ref).is_absolute() or base_dir is None else Path(base_dir) / ref
+            if p.is_file():
+                check_image(p, where, max_pixels)
         try:
-            return load_image(ref, base_dir, where=f"{name}: image {k} ({_describe(ref)})")
+            return load_image(ref, base_dir, where=where)
         except ChatFormatError as e:
             raise DataError(str(e)) from None
 
@@ -209,10 +272,11 @@ def _load_images(messages: list[dict], images: list[Any], base_dir: str | Path |
     return out_msgs, loaded
 
 
-def sft_sample(rec: dict, processor: ChatProcessor, base_dir: str | Path | None = None, name: str = "sample") -> Sample:
+def sft_sample(rec: dict, processor: ChatProcessor, base_dir: str | Path | None = None, name: str = "sample",
+               max_image_pixels: int = MAX_IMAGE_PIXELS) -> Sample:
     """One SFT record -> Sample (loss mask 1 on assistant tokens only)."""
     messages, images = sft_messages(rec, name)
-    messages, pil = _load_images(messages, images, base_dir, name)
+    messages, pil = _load_images(messages, images, base_dir, name, max_image_pixels)
     try:
         r = render_chat(processor, messages, pil, base_dir=base_dir, train_roles=("assistant",), name=name)
     except ChatFormatError as e:
@@ -228,9 +292,11 @@ def sft_sample(rec: dict, processor: ChatProcessor, base_dir: str | Path | None 
     )
 
 
-def sft_samples(records: list[dict], processor: ChatProcessor, base_dir: str | Path | None = None, source: str | None = None) -> list[Sample]:
+def sft_samples(records: list[dict], processor: ChatProcessor, base_dir: str | Path | None = None, source: str | None = None,
+                max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[Sample]:
     """Render SFT records (from load_jsonl) into Samples named "file.jsonl:LINE". Bad records raise DataError."""
-    return [sft_sample(rec, processor, base_dir, record_name(rec, i, source)) for i, rec in enumerate(records)]
+    return [sft_sample(rec, processor, base_dir, record_name(rec, i, source), max_image_pixels)
+            for i, rec in enumerate(records)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +322,11 @@ class PromptRecord:
                 "answer_type": self.answer_type, **self.extra}
 
 
-def prompt_record(rec: dict, name: str, base_dir: str | Path | None = None, check_images: bool = True) -> PromptRecord:
+def prompt_record(rec: dict, name: str, base_dir: str | Path | None = None, check_images: bool = True,
+                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> PromptRecord:
+    """A validated PromptRecord. With `check_images`, every image is found and its header read (check_image):
+    a missing, corrupt, oversized or extreme-aspect image fails here, naming `name` (file:line), not at the
+    step that first samples the prompt."""
     def need(key: str, types: tuple, what: str) -> Any:
         if key not in rec or rec[key] is None:
             raise DataError(f"{name}: prompt record is missing '{key}'")
@@ -299,6 +369,8 @@ def prompt_record(rec: dict, name: str, base_dir: str | Path | None = None, chec
             if check_images and not p.is_file():
                 raise DataError(f"{name}: image {k} not found: {p}")
             ref = str(p)
+        if check_images:
+            check_image(ref, f"{name}: image {k} ({_describe(ref)})", max_image_pixels)
         resolved.append(ref)
     known = {"id", "question", "answer", "images", "category", "answer_type"}
     extra = {k: v for k, v in rec.items() if k not in known and not k.startswith("_")}
@@ -306,7 +378,7 @@ def prompt_record(rec: dict, name: str, base_dir: str | Path | None = None, chec
 
 
 def load_prompts(path: str | Path, image_root: str | Path | None = None, max_bad_lines: int = 0,
-                 check_images: bool = True) -> list[PromptRecord]:
+                 check_images: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[PromptRecord]:
     """RL prompts from JSONL: {"id", "question", "images", "answer", "category", "answer_type"}; relative image
     paths resolve against `image_root` (default: the file's folder). Duplicate ids are an error."""
     path = Path(path)
@@ -315,7 +387,7 @@ def load_prompts(path: str | Path, image_root: str | Path | None = None, max_bad
     seen: dict[str, str] = {}
     for i, rec in enumerate(load_jsonl(path, max_bad_lines=max_bad_lines)):
         name = record_name(rec, i)
-        p = prompt_record(rec, name, base, check_images)
+        p = prompt_record(rec, name, base, check_images, max_image_pixels)
         if p.id in seen:
             raise DataError(f"{name}: duplicate prompt id {p.id!r} (first at {seen[p.id]})")
         seen[p.id] = name
