@@ -6,23 +6,32 @@ Layout:
                                        ChatProcessor.from_pretrained), trainer_state.pt
     out_dir/checkpoints/latest         text file naming the newest complete step directory
 
-A checkpoint is written into a hidden temp directory and renamed into place, so a crash mid-save never
-leaves a half-written `step_*` directory that resume would pick up.
+    out_dir/checkpoints/step_*/manifest.json   size and xxh3-128 checksum of every other file in the directory
+
+A checkpoint is written into a hidden temp directory (`.tmp_step_*`, removed at the next save or start if a
+crash left one) and renamed into place, so a crash mid-save never leaves a half-written `step_*` directory.
+Resume verifies the manifest and falls back, saying so, to the newest checkpoint that verifies: a bit flip,
+a truncated or a deleted file never resumes silently. A save that runs out of disk raises one CheckpointError
+naming the path and the space needed; the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+import xxhash
 
 from .data import DataState
 
@@ -30,11 +39,25 @@ ADAPTER_FILE = "lora_adapter.pt"
 
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
+MANIFEST_FILE = "manifest.json"
+HASH_NAME = "xxh3_128"  # non-cryptographic: it catches corruption, not tampering, at disk-read speed
+_TMP_PREFIX = ".tmp_"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def say(msg: str) -> None:
+    """One line on stderr: what the trainer did with the run directory (fallbacks, clean-ups, fresh starts)."""
+    print(f"deepeyesv2: {msg}", file=sys.stderr, flush=True)
+
+
+def launch_rank0() -> bool:
+    """Rank 0 of a torchrun launch (or a single process). Read from torchrun's environment because the run
+    directory is prepared before the process group exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def checkpoints_dir(out_dir: str | Path) -> Path:
@@ -73,6 +96,107 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def file_digest(path: Path, chunk: int = 1 << 23) -> str:
+    """xxh3-128 of a file, read in 8 MiB chunks (a multi-GB safetensors file never sits in memory whole)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> dict:
+    """manifest.json listing every other file of `ckpt` with its size and checksum. Returns the manifest."""
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_FILE:
+            files[p.relative_to(ckpt).as_posix()] = {"bytes": p.stat().st_size, HASH_NAME: file_digest(p)}
+    manifest = {"format": 1, "hash": HASH_NAME, "files": files}
+    with open(ckpt / MANIFEST_FILE, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
+
+
+def verify_checkpoint(ckpt: str | Path) -> str | None:
+    """None when every file in the manifest is present with its recorded size and checksum; otherwise the
+    first problem, in a few words (for a one-line message)."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return "missing"
+    try:
+        manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+        if manifest.get("hash") != HASH_NAME or not isinstance(files, dict):
+            raise ValueError(f"unknown layout (hash {manifest.get('hash')!r})")
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE}"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST_FILE} ({type(e).__name__})"
+    if STATE_FILE not in files:
+        return f"{MANIFEST_FILE} does not list {STATE_FILE}"
+    for name, rec in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != rec["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {rec['bytes']} (truncated?)"
+    for name, rec in files.items():  # sizes first: a truncated file is found without hashing everything
+        if file_digest(ckpt / name) != rec[HASH_NAME]:
+            return f"{name} checksum mismatch (corrupted on disk)"
+    return None
+
+
+def remove_stale_temp_dirs(root: Path, log: Callable[[str], None] = say) -> list[str]:
+    """Delete the `.tmp_*` directories that interrupted saves left in `root`. Returns their names."""
+    if not root.is_dir():
+        return []
+    stale = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_TMP_PREFIX))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        log(f"removed {len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} left by interrupted "
+            f"checkpoint saves in {root}: {', '.join(p.name for p in stale)}")
+    return [p.name for p in stale]
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _checkpoint_bytes(ckpt: Path) -> int:
+    try:
+        return sum(rec["bytes"] for rec in json.loads((ckpt / MANIFEST_FILE).read_text())["files"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in the exception chain. torch.save reports a failed write as a RuntimeError
+    ("PytorchStreamWriter failed writing file ...: file write failed") and safetensors as its own error
+    ("StorageFull"), so their messages count too."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(m in str(seen) for m in ("No space left", "StorageFull", "file write failed", "Disk quota")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
@@ -83,14 +207,18 @@ def save_checkpoint(
     data_state: DataState | dict | None = None,
     extra: dict | None = None,
     keep_last: int | None = 3,
+    log: Callable[[str], None] = say,
 ) -> Path:
-    """Write out_dir/checkpoints/step_{step:06d}/ atomically, point `latest` at it, keep the newest
-    `keep_last` step directories (None or 0: keep all). `extra` must hold plain Python values.
-    Returns the checkpoint directory."""
+    """Write out_dir/checkpoints/step_{step:06d}/ atomically with its manifest, point `latest` at it, keep the
+    newest `keep_last` step directories (None or 0: keep all). `extra` must hold plain Python values.
+    Returns the checkpoint directory. Disk full: CheckpointError naming the path and the space needed, the
+    earlier checkpoints untouched."""
     root = checkpoints_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(root, log)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_step_{step:06d}_", dir=root))
+    previous = latest_checkpoint(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step_{step:06d}_", dir=root))
     try:
         from .lora import adapter_state, is_lora, merged_model
 
@@ -116,17 +244,36 @@ def save_checkpoint(
             "extra": dict(extra or {}),
         }
         torch.save(state, tmp / STATE_FILE)
-        if final.exists():  # re-saving a step (e.g. a resumed run reaching it again)
-            shutil.rmtree(final)
+        write_manifest(tmp)
+        old = None
+        if final.exists():  # re-saving a step (e.g. a resumed run reaching it again): swap, then delete
+            old = root / f"{_TMP_PREFIX}old_{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
-    except BaseException:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _is_disk_full(e):
+            free = shutil.disk_usage(root).free
+            if previous is not None:  # the last save wrote the same files: the best estimate
+                need = _checkpoint_bytes(previous)
+            else:
+                need = _tensor_bytes(optimizer.state_dict()) if optimizer is not None else 0
+                if isinstance(model, torch.nn.Module):
+                    need += _tensor_bytes(model.state_dict())
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"disk full while saving checkpoint {final}: {_gib(free)} free on {root}, the checkpoint needs about "
+                f"{_gib(need)}; {kept} (free space, or set train.out_dir elsewhere, then resume with --train.resume "
+                f"true)") from None
         raise
     _write_latest(root, final.name)
     if keep_last:
-        for old in _step_dirs(root)[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        for old_dir in _step_dirs(root)[:-keep_last]:
+            if old_dir != final:
+                shutil.rmtree(old_dir, ignore_errors=True)
     return final
 
 
@@ -136,16 +283,22 @@ def _write_latest(root: Path, name: str) -> None:
     os.replace(tmp, root / LATEST_FILE)
 
 
-def _step_dirs(root: Path) -> list[Path]:
-    """Complete step directories (those with a trainer_state.pt), oldest first."""
+def _step_number(p: Path) -> int:
+    return int(_STEP_DIR.match(p.name).group(1))
+
+
+def _step_dirs(root: Path, complete: bool = True) -> list[Path]:
+    """Step directories, oldest first: those with a trainer_state.pt, or all of them (`complete=False`)."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    dirs = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)
+            and (not complete or (p / STATE_FILE).is_file())]
+    return sorted(dirs, key=_step_number)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under out_dir (via the `latest` pointer, else the highest step), or None."""
+    """The newest complete checkpoint under out_dir (via the `latest` pointer, else the highest step), or None.
+    Not verified: see `resume_checkpoint`."""
     root = checkpoints_dir(out_dir)
     pointer = root / LATEST_FILE
     if pointer.is_file():
@@ -156,14 +309,99 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def _resolve(path: str | Path) -> Path:
+def resume_checkpoint(out_dir: str | Path, log: Callable[[str], None] = say) -> Path | None:
+    """The checkpoint a resumed run continues from: the one `latest` names if it verifies, else the newest
+    older step directory that does (saying in one line which ones failed and why). None when out_dir has no
+    checkpoint at all; CheckpointError in one line when there are some and none verifies."""
+    root = checkpoints_dir(out_dir)
+    dirs = _step_dirs(root, complete=False)[::-1]  # newest first, incomplete ones included: verify says why
+    pointer = root / LATEST_FILE
+    named = pointer.read_text().strip() if pointer.is_file() else ""
+    failed: list[str] = []
+    if _STEP_DIR.match(named):
+        n = int(_STEP_DIR.match(named).group(1))
+        if not (root / named).is_dir():
+            failed.append(f"{named} (named by {LATEST_FILE}) is missing")
+        else:
+            dirs = [root / named] + [d for d in dirs if _step_number(d) < n]
+    if not dirs and not failed:
+        return None
+    for d in dirs:
+        why = verify_checkpoint(d)
+        if why is None:
+            if failed:
+                log(f"resume: {'; '.join(failed)}; falling back to {d.name}, the newest checkpoint in {root} that "
+                    f"verifies")
+            return d
+        failed.append(f"{d.name} fails verification ({why})")
+    raise CheckpointError(f"no checkpoint in {root} verifies: {'; '.join(failed)}")
+
+
+def _resolve(path: str | Path, verify: bool = True) -> Path:
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    if path.is_dir() and _STEP_DIR.match(path.name) or (path / STATE_FILE).is_file():
+        if verify and (why := verify_checkpoint(path)) is not None:
+            raise CheckpointError(f"checkpoint {path} fails verification: {why}")
         return path
-    ckpt = latest_checkpoint(path)
+    ckpt = resume_checkpoint(path) if verify else latest_checkpoint(path)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint at {path} (neither a step directory with {STATE_FILE} nor an out_dir with checkpoints/)")
     return ckpt
+
+
+def run_leftovers(out_dir: str | Path) -> list[str]:
+    """What a previous run left in out_dir that a fresh run would mix with: logged metrics rows, checkpoints."""
+    from .metrics import METRICS_FILE
+
+    out = Path(out_dir)
+    found = []
+    metrics = out / METRICS_FILE
+    if metrics.is_file():
+        with metrics.open("rb") as f:
+            rows = sum(1 for line in f if line.strip())
+        if rows:
+            found.append(f"{METRICS_FILE} with {rows} row{'s' * (rows != 1)}")
+    steps = _step_dirs(checkpoints_dir(out), complete=False)
+    if steps:
+        found.append(f"checkpoints/{steps[-1].name}" + (f" and {len(steps) - 1} more" if len(steps) > 1 else ""))
+    return found
+
+
+def prepare_run_dir(out_dir: str | Path, resume: bool, overwrite: bool, main: bool | None = None,
+                    log: Callable[[str], None] = say) -> Path | None:
+    """Before a run builds anything: the checkpoint to resume from (verified), or None for a fresh start.
+
+    - leftover `.tmp_*` directories of interrupted saves are removed;
+    - resume: the newest checkpoint that verifies (see resume_checkpoint); none at all -> a fresh start, said;
+    - no resume: a directory that already holds a run (metrics rows, checkpoints) is refused, in one line that
+      names it and the flags, unless `overwrite`, which deletes what our runs write there (metrics.jsonl,
+      checkpoints/, tensorboard/, plots/) and nothing else.
+    `main` (default: rank 0 of the launch) does the deleting and the talking; other ranks only decide."""
+    from .metrics import METRICS_FILE
+
+    out = Path(out_dir)
+    main = launch_rank0() if main is None else main
+    quiet: Callable[[str], None] = log if main else (lambda _msg: None)
+    if main:
+        remove_stale_temp_dirs(checkpoints_dir(out), log)
+    if resume:
+        ckpt = resume_checkpoint(out, quiet)
+        if ckpt is None:
+            quiet(f"train.resume: no checkpoint in {checkpoints_dir(out)}, starting fresh")
+        return ckpt
+    leftovers = run_leftovers(out)
+    if leftovers and not overwrite:
+        raise CheckpointError(f"{out} already holds a run ({', '.join(leftovers)}): continue it with --train.resume "
+                              f"true, or delete it and start over with --train.overwrite true")
+    if leftovers and main:
+        for name in (METRICS_FILE, "checkpoints", "tensorboard", "plots"):
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        quiet(f"train.overwrite: deleted the previous run in {out} ({', '.join(leftovers)})")
+    return None
 
 
 def load_model_weights(model, ckpt_dir: str | Path) -> None:
@@ -188,10 +426,12 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     restore_rng: bool = True,
+    verify: bool = True,
 ) -> tuple[int, DataState | None, dict]:
-    """Restore model weights, optimizer, scheduler and RNG states from a step directory or an out_dir's
-    latest checkpoint. Returns (step, data_state, extra)."""
-    ckpt = _resolve(dir_or_out_dir)
+    """Restore model weights, optimizer, scheduler and RNG states from a step directory (verified against its
+    manifest unless `verify=False`, for a caller that just did) or an out_dir's newest checkpoint that
+    verifies. Returns (step, data_state, extra)."""
+    ckpt = _resolve(dir_or_out_dir, verify)
     try:
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from deepeyesv2_kernels import fused_linear_grpo_loss, group_advantages
 from deepeyesv2_rollout.types import Trajectory
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config
+from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint, say
+from .config import Config, validate
 from .data import DataState, PromptRecord, ShuffledIterator, load_prompts
 from . import distributed
 from .distributed import DataParallel, all_gather_ints, all_sum, all_weighted_mean
@@ -43,7 +43,7 @@ from .metrics import MetricsLogger, peak_memory_bytes
 from .lora import is_lora
 from .memory import budgeted_logprobs, build_train_optimizer
 from .model import build_model, packed_hidden, unwrap_model
-from .optim import clip_and_step
+from .optim import clip_and_step, extend_schedule
 from .packing import PackedBatch, Sample, pack_by_budget
 from .precision import amp, set_matmul_precision
 from .rewards import RewardResult, get_reward_fn, overlong_penalty, reward_input_from_trajectory, score
@@ -266,16 +266,20 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
     each step all-gathers the full weights once for the rollouts (the engine samples from the gathered policy
     itself, or SGLang is pushed the gathered tensors) and reshards them for the update; each rank rolls out its
     share of the step's prompts and trains on its own episodes."""
+    validate(cfg)  # every field's range, before anything is built
+    # refuses a finished run's directory without resume/overwrite; picks the newest checkpoint that verifies
+    resume_from = prepare_run_dir(cfg.train.out_dir, cfg.train.resume, cfg.train.overwrite)
+    reward_fn = reward_fn or get_reward_fn(cfg.rl.reward)
+    if prompts is None:  # before the model: a bad record or image fails at once, naming file:line
+        if not cfg.data.train_path:
+            raise ValueError("data.train_path is required for RL (a JSONL of prompts)")
+        prompts = load_prompts(cfg.data.train_path, image_root=cfg.data.image_root or None,
+                               max_bad_lines=cfg.data.max_bad_lines, max_image_pixels=cfg.data.max_image_pixels)
+    if not prompts:
+        raise ValueError("no RL prompts")
     torch.manual_seed(cfg.train.seed)
     if model is None:
         model, processor = build_model(cfg.model)
-    if prompts is None:
-        if not cfg.data.train_path:
-            raise ValueError("data.train_path is required for RL (a JSONL of prompts)")
-        prompts = load_prompts(cfg.data.train_path, image_root=cfg.data.image_root or None, max_bad_lines=cfg.data.max_bad_lines)
-    if not prompts:
-        raise ValueError("no RL prompts")
-    reward_fn = reward_fn or get_reward_fn(cfg.rl.reward)
     if is_lora(model) and cfg.rollout.engine == "sglang":
         raise ValueError("model.lora_rank > 0 with rollout.engine='sglang' is not supported (SGLang would need "
                          "merged weights each step); use rollout.engine='embedded'")
@@ -290,16 +294,18 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
     own_rollouts = rollouts is None
     with full_weights():  # SGLang starts from the full weights
         rollouts = rollouts or make_rollouts(rollout_model, processor, cfg, progress=show)
-    opt, sched = build_train_optimizer(model, cfg.optim, cfg.train.steps * cfg.rl.ppo_epochs * cfg.rl.mini_batches)
+    updates_per_step = cfg.rl.ppo_epochs * cfg.rl.mini_batches  # the schedule counts optimizer steps
+    opt, sched = build_train_optimizer(model, cfg.optim, cfg.train.steps * updates_per_step)
     out = Path(cfg.train.out_dir)
     logger = MetricsLogger(out)
     step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)
-    ckpt = latest_checkpoint(out) if cfg.train.resume else None
-    if ckpt is not None:
+    if (ckpt := resume_from) is not None:
         if dp is None:
-            step, state, _ = load_checkpoint(ckpt, model, opt, sched)
+            step, state, _ = load_checkpoint(ckpt, model, opt, sched, verify=False)
         else:
             step, state, _ = dp.load_checkpoint(ckpt, opt, sched)
+        if (note := extend_schedule(sched, cfg.train.steps * updates_per_step)) and main:
+            say(note)
     if main:
         logger.truncate_after(step)  # a fresh run (step 0) starts an empty metrics.jsonl
     order = ShuffledIterator(len(prompts), state)

@@ -17,14 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config
+from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint, say
+from .config import Config, validate
 from .data import DataState, load_jsonl, sft_samples
 from .logprobs import packed_logprobs
 from .metrics import MetricsLogger, peak_memory_bytes
 from .model import build_model
 from .memory import build_train_optimizer
-from .optim import clip_and_step
+from .optim import clip_and_step, extend_schedule
 from .packing import PackedBatch, Sample, pack_by_budget
 from .precision import amp, set_matmul_precision
 
@@ -62,6 +62,9 @@ def sft_step(model, rows: list[PackedBatch], dp: "distributed.DataParallel | Non
 
 
 def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, processor=None, progress: bool | None = None) -> dict:
+    validate(cfg)  # every field's range, before anything is built
+    # refuses a finished run's directory without resume/overwrite; picks the newest checkpoint that verifies
+    resume_from = prepare_run_dir(cfg.train.out_dir, cfg.train.resume, cfg.train.overwrite)
     torch.manual_seed(cfg.train.seed)
     if model is None:
         model, processor = build_model(cfg.model)
@@ -70,7 +73,8 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
             raise ValueError("data.train_path is required for SFT (a JSONL of trajectories)")
         path = Path(cfg.data.train_path)
         records = load_jsonl(path, max_bad_lines=cfg.data.max_bad_lines)
-        samples = sft_samples(records, processor, base_dir=cfg.data.image_root or path.parent, source=path.name)
+        samples = sft_samples(records, processor, base_dir=cfg.data.image_root or path.parent, source=path.name,
+                              max_image_pixels=cfg.data.max_image_pixels)
     image_token_id = model.config.image_token_id
     dp = distributed.setup(model)  # FSDP2 under torchrun with > 1 ranks, else None
     rows_per_step = cfg.train.rows_per_step * cfg.optim.grad_accum
@@ -83,9 +87,10 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
     out = Path(cfg.train.out_dir)
     logger = MetricsLogger(out)
     step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)
-    ckpt = latest_checkpoint(out) if cfg.train.resume else None
-    if ckpt is not None:
-        step, state, _ = load_checkpoint(ckpt, model, opt, sched) if dp is None else dp.load_checkpoint(ckpt, opt, sched)
+    if (ckpt := resume_from) is not None:
+        step, state, _ = load_checkpoint(ckpt, model, opt, sched, verify=False) if dp is None else dp.load_checkpoint(ckpt, opt, sched)
+        if (note := extend_schedule(sched, total_steps)) and distributed.is_main():
+            say(note)
     if distributed.is_main():
         logger.truncate_after(step)  # a fresh run (step 0) starts an empty metrics.jsonl
     rows = rows0 if state.epoch == 0 else epoch_rows(samples, cfg.train.tokens_per_batch, image_token_id, cfg.train.seed, state.epoch)
