@@ -21,6 +21,7 @@ The trainer never unpickles anything from here: JSON only.
 
 import ast
 import base64
+import codecs
 import ctypes
 import io
 import json
@@ -215,10 +216,23 @@ def install_seccomp() -> bool:
 # ---------------------------------------------------------------- the kernel
 
 class BoundedText(io.TextIOBase):
-    """A text sink that keeps the first ``limit`` chars and counts the rest (memory bounded)."""
+    """A text sink that keeps the first ``limit`` chars and counts the rest (memory bounded).
+
+    ``buffer`` is its binary side (``sys.stdout.buffer.write(b"...")``): bytes are decoded as
+    UTF-8 with bad bytes replaced and go into the same bounded text, in order.
+    """
 
     def __init__(self, limit: int):
         self.limit, self.parts, self.kept, self.dropped = limit, [], 0, 0
+        self.buffer = BoundedBytes(self)
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:
+        return "replace"
 
     def writable(self) -> bool:
         return True
@@ -226,6 +240,9 @@ class BoundedText(io.TextIOBase):
     def write(self, s) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        return self._append(s)
+
+    def _append(self, s: str) -> int:
         room = self.limit - self.kept
         if room > 0:
             self.parts.append(s[:room])
@@ -240,10 +257,42 @@ class BoundedText(io.TextIOBase):
         return False
 
     def getvalue(self) -> str:
+        self.buffer.finish()
         text = "".join(self.parts)
         if self.dropped:
             text += f"\n[... truncated {self.dropped} chars]"
         return text
+
+
+class BoundedBytes(io.RawIOBase):
+    """The binary side of a ``BoundedText``: decodes only what can still be kept."""
+
+    def __init__(self, text: BoundedText):
+        self.text = text
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        data = memoryview(b).cast("B")
+        n = len(data)
+        # Decode at most 4 bytes per char of room left: a 1 GB write costs no 1 GB str. Bytes past
+        # that are counted as dropped chars (exact for ASCII, an upper bound otherwise).
+        room = max(0, self.text.limit - self.text.kept) * 4
+        if room:
+            self.text._append(self.decoder.decode(bytes(data[:room])))
+        self.text.dropped += max(0, n - room)
+        return n
+
+    def finish(self) -> None:
+        """A multi-byte sequence cut off at the end becomes one replacement char."""
+        tail = self.decoder.decode(b"", final=True)
+        if tail:
+            self.text._append(tail)
+
+    def flush(self) -> None:
+        pass
 
 
 class Kernel:
@@ -252,7 +301,7 @@ class Kernel:
         self.ns = {"__name__": "__main__", "__builtins__": __builtins__}
         self.cell = 0
         self.images = []  # PNG base64 strings produced by the current call
-        self.dropped_images = 0
+        self.dropped_images = self.oversize_images = self.image_bytes = 0
         # numpy/PIL are pre-imported (a call must not pay for them); matplotlib is not: importing
         # pyplot costs ~0.45 s of CPU, which every worker of every episode would pay. The backend is
         # Agg via MPLBACKEND, and figures are captured after each cell (Jupyter-inline semantics).
@@ -274,7 +323,15 @@ class Kernel:
         if len(self.images) >= self.cfg["max_images"]:
             self.dropped_images += 1
             return
-        self.images.append(base64.b64encode(data).decode())
+        b64 = base64.b64encode(data).decode()
+        # The trainer treats a reply over max_reply_mb as a dead worker: keep room for the text
+        # (up to 6 JSON bytes per char) and drop images that would not fit, with a note.
+        budget = (self.cfg["max_reply_mb"] << 20) - 12 * self.cfg["max_output_chars"] - 65536
+        if self.image_bytes + len(b64) > budget:
+            self.oversize_images += 1
+            return
+        self.image_bytes += len(b64)
+        self.images.append(b64)
 
     def add_pil(self, im) -> None:
         if len(self.images) >= self.cfg["max_images"]:
@@ -335,7 +392,7 @@ class Kernel:
     # -- execution -----------------------------------------------------
     def run(self, code: str) -> dict:
         self.cell += 1
-        self.images, self.dropped_images = [], 0
+        self.images, self.dropped_images, self.oversize_images, self.image_bytes = [], 0, 0, 0
         name = f"<cell {self.cell}>"
         out, err = BoundedText(self.cfg["max_output_chars"]), BoundedText(self.cfg["max_output_chars"])
         error = None
@@ -372,6 +429,9 @@ class Kernel:
         if self.dropped_images:
             err.write(f"\n[{self.dropped_images} more images not returned: limit is "
                       f"{self.cfg['max_images']} per call]")
+        if self.oversize_images:
+            err.write(f"\n[{self.oversize_images} images not returned: the reply would exceed "
+                      f"{self.cfg['max_reply_mb']} MB]")
         return {"stdout": out.getvalue(), "stderr": err.getvalue(), "images": self.images,
                 "error": error}
 

@@ -60,7 +60,9 @@ from PIL import Image
 from .base import ToolResult, error_result
 
 WORKER_SCRIPT = str(Path(__file__).with_name("_sandbox_worker.py"))
-MAX_FRAME_BYTES = 256 << 20
+# A conforming worker's caps (output chars, images) can exceed their limits by at most a
+# truncation note; the trainer re-applies the caps past this slack (see _cap_text).
+NOTE_SLACK = 100
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class SandboxLimits:
     max_output_chars: int = 8000
     max_images: int = 10
     max_image_pixels: int = 4096 * 4096
+    max_reply_mb: int = 8            # a reply frame over this is a dead worker (never allocated)
     startup_timeout_s: float = 60.0
     uid_base: int = 1_000_000        # worker uid = gid = uid_base + pid of its launcher
 
@@ -96,6 +99,10 @@ class WorkerDied(SandboxError):
 
 class WorkerTimeout(SandboxError):
     pass
+
+
+class ProtocolError(WorkerDied):
+    """The worker's reply broke the frame protocol (the code can write to the channel)."""
 
 
 # ---------------------------------------------------------------- isolation detection
@@ -206,7 +213,9 @@ def _wait_fd(fd: int, event: int, left: float) -> bool:
     return bool(poller.poll(max(0.0, left) * 1000))
 
 
-def _read_frame(fd: int, deadline: float) -> dict:
+def _read_frame(fd: int, deadline: float, max_bytes: int) -> dict:
+    """One reply frame. Everything in it is untrusted: a frame over ``max_bytes`` is refused
+    before any of its body is read, and any parse failure is a ``ProtocolError``."""
     def read_exact(n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
@@ -220,14 +229,15 @@ def _read_frame(fd: int, deadline: float) -> dict:
         return bytes(buf)
 
     (n,) = struct.unpack(">I", read_exact(4))
-    if n > MAX_FRAME_BYTES:
-        raise WorkerDied(f"the worker sent an oversized frame ({n} bytes)")
+    if n > max_bytes:
+        raise ProtocolError(f"a reply frame of {n} bytes, over the {max_bytes}-byte cap")
+    body = read_exact(n)  # grows chunk by chunk: n is what the worker claims, not what it sent
     try:
-        msg = json.loads(read_exact(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WorkerDied(f"the worker sent a malformed frame: {e}") from None
+        msg = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, huge ints, deep nesting
+        raise ProtocolError(f"a malformed reply frame ({type(e).__name__})") from None
     if not isinstance(msg, dict):
-        raise WorkerDied("the worker sent a malformed frame (not an object)")
+        raise ProtocolError(f"a reply frame that is a {type(msg).__name__}, not an object")
     return msg
 
 
@@ -299,12 +309,14 @@ class _Worker:
                **{k: v for k, v in asdict(self.limits).items()}}
         try:
             _write_frame(self.fd_req, cfg, deadline)
-            msg = _read_frame(self.fd_resp, deadline)
+            msg = _read_frame(self.fd_resp, deadline, self.limits.max_reply_mb << 20)
         except SandboxError as e:
             raise SandboxError(f"sandbox worker failed to start ({e}){self._stderr_tail()}") from None
         if msg.get("op") != "ready":
-            raise SandboxError(str(msg.get("error", f"unexpected first frame {msg!r}")))
-        host_pid = int(msg["host_pid"])
+            raise SandboxError(str(msg.get("error", f"unexpected first frame {msg!r}"))[:2000])
+        host_pid = msg.get("host_pid")
+        if type(host_pid) is not int:
+            raise SandboxError(f"sandbox worker sent a ready frame without a pid: {msg!r}"[:2000])
         # The worker is alive and blocked on its next read, so the pid cannot have been reused:
         # check its parentage, then hold a pidfd so later kills can never hit another process.
         expected_parent = self.popen.pid if iso.pid_ns and iso.launcher() else os.getpid()
@@ -329,9 +341,9 @@ class _Worker:
         self.seq += 1
         deadline = time.monotonic() + timeout
         _write_frame(self.fd_req, {**msg, "seq": self.seq}, deadline)
-        resp = _read_frame(self.fd_resp, deadline)
+        resp = _read_frame(self.fd_resp, deadline, self.limits.max_reply_mb << 20)
         if resp.get("seq") != self.seq:
-            raise WorkerDied("the worker's reply does not match the request (protocol corrupted)")
+            raise ProtocolError("a reply that does not match the request")
         return resp
 
     def exit_description(self) -> str:
@@ -533,10 +545,56 @@ def _png_b64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _decode_images(payload: list, max_pixels: int) -> tuple[list[Image.Image], list[str]]:
+def _valid_text(s: str) -> str:
+    """``s`` with lone surrogates (from undecodable file names, ``'\\ud800'``, ...) replaced by
+    U+FFFD, so that encoding it downstream cannot raise. Valid text comes back unchanged."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _cap_text(s: str, limit: int) -> str:
+    """The worker's output cap, re-applied: a conforming worker's text is never cut here."""
+    if len(s) <= limit + NOTE_SLACK:
+        return s
+    return s[:limit] + f"\n[... truncated {len(s) - limit} chars]"
+
+
+@dataclass(frozen=True)
+class _RunReply:
+    stdout: str
+    stderr: str
+    images: list
+    error: str | None
+
+
+def _parse_run_reply(resp: dict, limits: SandboxLimits) -> _RunReply:
+    """Type-check a ``run`` reply and cap it on the trainer side, before anything is decoded:
+    the worker's own limits live in memory the sandboxed code can rewrite."""
+    stdout, stderr, images, error = (resp.get("stdout"), resp.get("stderr"), resp.get("images"),
+                                     resp.get("error"))
+    if not (isinstance(stdout, str) and isinstance(stderr, str) and isinstance(images, list)
+            and all(isinstance(b, str) for b in images)
+            and (error is None or isinstance(error, str))):
+        raise ProtocolError("a reply with fields of the wrong types")
+    stdout = _valid_text(_cap_text(stdout, limits.max_output_chars))
+    stderr = _valid_text(_cap_text(stderr, limits.max_output_chars))
+    if len(images) > limits.max_images:
+        stderr = "\n".join([stderr.rstrip("\n"), f"[{len(images) - limits.max_images} more images not "
+                            f"returned: limit is {limits.max_images} per call]"]).lstrip("\n")
+        images = images[:limits.max_images]
+    if error is not None:
+        error = _valid_text(error[:limits.max_output_chars])
+    return _RunReply(stdout, stderr, images, error)
+
+
+def _decode_images(payload: list[str], max_pixels: int) -> tuple[list[Image.Image], list[str]]:
     images, problems = [], []
-    for i, b64 in enumerate(payload if isinstance(payload, list) else []):
+    for i, b64 in enumerate(payload):
         try:
+            # Image.open reads the header only: the size is checked before any pixel is decoded.
             im = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
             if im.format != "PNG" or im.width * im.height > max_pixels:
                 raise ValueError(f"not a PNG within {max_pixels} pixels")
@@ -633,7 +691,8 @@ class Session:
                 self._drop_worker()
                 return error_result(f"the Python sandbox is unavailable: {e}", started)
             try:
-                resp = worker.request({"op": "run", "code": code}, self.limits.timeout_s)
+                reply = _parse_run_reply(worker.request({"op": "run", "code": code},
+                                                        self.limits.timeout_s), self.limits)
             except WorkerTimeout:
                 self._drop_worker()
                 msg = (f"TimeoutError: the code did not finish within {self.limits.timeout_s:g} s; "
@@ -641,23 +700,20 @@ class Session:
                        "are lost (image_1, ... are loaded again)")
                 return error_result(msg, started, status="timeout",
                                     text=format_code_result("", msg))
-            except SandboxError:
+            except SandboxError as e:
                 worker.kill()
-                how = worker.exit_description()
+                how = f"sent {e}" if isinstance(e, ProtocolError) else worker.exit_description()
                 self._drop_worker()
                 msg = (f"SandboxError: the Python process {how} during the call; the sandbox was "
                        "restarted, so all variables from earlier calls are lost "
                        "(image_1, ... are loaded again)")
                 return error_result(msg, started, text=format_code_result("", msg))
-        images, problems = _decode_images(resp.get("images", []), self.limits.max_image_pixels)
-        stdout = str(resp.get("stdout", ""))
-        stderr = str(resp.get("stderr", ""))
+        images, problems = _decode_images(reply.images, self.limits.max_image_pixels)
+        stderr = reply.stderr
         if problems:
             stderr = "\n".join([stderr.rstrip("\n"), *problems]).lstrip("\n")
-        error = resp.get("error")
-        return ToolResult(text=format_code_result(stdout, stderr), images=images,
-                          status="error" if error else "ok",
-                          error=str(error) if error else None,
+        return ToolResult(text=format_code_result(reply.stdout, stderr), images=images,
+                          status="error" if reply.error else "ok", error=reply.error or None,
                           latency_s=time.perf_counter() - started)
 
     def close(self) -> None:

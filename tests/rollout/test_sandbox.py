@@ -212,3 +212,34 @@ def test_weaker_isolation_warns_by_name_and_still_runs(monkeypatch):
     s.close()
     assert r.text == format_code_result("True True\n", "")
     assert not os.path.exists(workdir)  # the private host workdir is removed with the worker
+
+
+def test_binary_stdout_is_decoded_with_bad_bytes_replaced(pool):
+    with Session([], pool=pool) as s:
+        r = s.run_code("import sys\nprint('a')\nsys.stdout.buffer.write(b'caf\\xc3\\xa9 \\xff!\\n')\n"
+                       "sys.stderr.buffer.write('\\u00fc'.encode())\nsys.stdout.buffer.flush()\nprint('b')")
+        assert r.status == "ok", r.text
+        assert r.text == format_code_result("a\ncaf\u00e9 \ufffd!\nb\n", "\u00fc")
+
+
+def test_lone_surrogates_and_undecodable_filenames_come_back_as_valid_text(pool):
+    with Session([], pool=pool) as s:
+        r = s.run_code("import os, sys\nopen(os.fsdecode(b'bad\\xffname'), 'w').close()\n"
+                       "print([n for n in os.listdir('.') if n.startswith('bad')][0])\n"
+                       "print('\\ud800 lone', file=sys.stderr)\nraise ValueError('\\udcff')")
+        r.text.encode("utf-8")  # nothing downstream may raise on the text
+        r.error.encode("utf-8")
+        assert "bad\ufffdname\n" in r.text and "\ufffd lone\n" in r.text
+        assert r.error == "ValueError: \ufffd"
+
+
+def test_images_that_would_overflow_the_reply_frame_are_dropped_with_a_note():
+    limits = SandboxLimits(timeout_s=10.0, max_reply_mb=1)
+    with Session([], limits=limits) as s:
+        # ~3 MB of incompressible PNG: over a 1 MB reply; the small image after it still fits.
+        r = s.run_code("import numpy as np\nfrom PIL import Image\n"
+                       "display(Image.fromarray(np.random.default_rng(0).integers(0, 255, (1000, 1000, 3), "
+                       "dtype=np.uint8)))\ndisplay(Image.new('RGB', (4, 4)))")
+        assert r.status == "ok", r.text
+        assert [im.size for im in r.images] == [(4, 4)]
+        assert "[1 images not returned: the reply would exceed 1 MB]" in r.text

@@ -191,6 +191,53 @@ def test_never_returning_code_does_not_block_another_session(pool):
         fast.close()
 
 
+def test_limits_rewritten_inside_the_worker_are_enforced_by_the_trainer(session):
+    # The worker's own caps live in its memory, which the code controls: raise them all, then
+    # print 6 M chars to both streams and show 30 images. The trainer must cap them again.
+    code = ("import gc, sys\nfrom PIL import Image\n"
+            "for o in gc.get_objects():\n"
+            "    if type(o).__name__ == 'Kernel':\n"
+            "        o.cfg.update(max_images=1000, max_output_chars=10**9, max_reply_mb=10**6)\n"
+            "sys.stdout.limit = sys.stderr.limit = 10**9\n"
+            "for i in range(30):\n    display(Image.new('L', (8, 8), i))\n"
+            "print('z' * 3_000_000)\nprint('e' * 3_000_000, file=sys.stderr)")
+    r = session.run_code(code)
+    assert r.status == "ok", r.text[:300]
+    assert [im.getpixel((0, 0)) for im in r.images] == [(i, i, i) for i in range(10)]
+    assert r.text == format_code_result(
+        "z" * 2000 + "\n[... truncated 2998001 chars]",
+        "e" * 2000 + "\n[... truncated 2998001 chars]\n"
+        "[20 more images not returned: limit is 10 per call]")
+    recovers(session)
+
+
+FIND_SEQ = ("import json, os, struct, sys, time\nf = sys._getframe()\n"
+            "while 'req' not in f.f_locals:\n    f = f.f_back\n"
+            "seq = f.f_locals['req']['seq']\n"
+            "def forge(body):\n    os.write(4, struct.pack('>I', len(body)) + body)\n"
+            "    time.sleep(5)\n")
+
+
+@pytest.mark.parametrize("body", [
+    # 30 MB of well-formed reply with the right sequence number: over the reply-frame cap
+    "json.dumps({'seq': seq, 'stdout': 'x' * (30 << 20), 'stderr': '', 'images': [], "
+    "'error': None}).encode()",
+    # 100k levels of nesting: RecursionError in the trainer's json.loads
+    "b'{\"seq\": %d, \"stdout\": ' % seq + b'[' * 100000 + b']' * 100000 + b'}'",
+    # well-formed JSON with the wrong types
+    "json.dumps({'seq': seq, 'stdout': ['a'], 'stderr': '', 'images': 'nope', 'error': 3}).encode()",
+    "json.dumps([seq]).encode()",
+    "b'{\"seq\": %d, \"stdo' % seq",
+], ids=["oversized", "deeply-nested", "wrong-types", "not-an-object", "truncated-json"])
+def test_forged_reply_frames_are_a_dead_worker(session, body):
+    session.run_code("kept = 1")
+    r = session.run_code(FIND_SEQ + f"forge({body})")
+    assert r.status == "error" and "restarted" in r.error and "lost" in r.error, r.error
+    assert len(r.text) < 1000
+    recovers(session)
+    assert session.run_code("kept").error == "NameError: name 'kept' is not defined"
+
+
 # ------------------------------------------------------------------ need uid drop + pid namespace
 
 @needs_isolation
