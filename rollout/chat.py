@@ -7,12 +7,20 @@ layout at sampling time and at training time cannot drift apart. The layout is Q
 
 with N = t*h*w / merge_size**2 for the image's patch grid (one pad per merged patch), exactly as
 the real processor expands it.
+
+Only this template writes control tokens. Text the environment produced (tool outputs, search results)
+goes through `ChatProcessor.encode_plain`: a printed `<|im_start|>` or `<|image_pad|>` is spelled with
+ordinary tokens, so it can neither open a fake turn nor unbalance the image blocks, and undecodable
+characters become U+FFFD. Images the environment returns go through `fit_image` first.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import math
+import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,68 @@ from PIL import Image
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory / ShareGPT marker for "an image goes here"
+# Qwen2-VL's smart_resize raises ("absolute aspect ratio must be smaller than 200") above this long:short ratio.
+MAX_ASPECT_RATIO = 200
+# A padded image is never larger than the largest image a tool may return (SandboxLimits.max_image_pixels).
+MAX_FIT_PIXELS = 4096 * 4096
+
+# transformers' split_special_tokens sets a flag on the shared Rust tokenizer for the call and leaves it set
+# until the next call resets it; two threads encoding at once could each see the other's setting. Every
+# ChatProcessor encode holds this lock.
+_ENCODE_LOCK = threading.Lock()
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def sanitize_text(text: str | bytes) -> str:
+    """Text any tokenizer takes. Bytes decode as UTF-8 with U+FFFD for what is not; in a str, a lone
+    surrogate (os.listdir gives U+DC80..U+DCFF for undecodable file-name bytes, JSON can carry "\\ud800")
+    becomes U+FFFD and a surrogate pair stored as two code points becomes its character. Valid text is
+    returned unchanged (the same object)."""
+    if isinstance(text, (bytes, bytearray)):
+        return bytes(text).decode("utf-8", "replace")
+    if not _SURROGATE.search(text):
+        return text
+    # UTF-16 round trip: pairs re-join, the decoder replaces each unpaired surrogate with one U+FFFD
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _max_padded_long_side() -> int:
+    """The longest side whose canvas, padded to MAX_ASPECT_RATIO, stays within MAX_FIT_PIXELS."""
+    side = math.isqrt(MAX_ASPECT_RATIO * MAX_FIT_PIXELS)
+    while side * math.ceil(side / MAX_ASPECT_RATIO) > MAX_FIT_PIXELS:
+        side -= 1
+    return side
+
+
+_MAX_PADDED_LONG_SIDE = _max_padded_long_side()
+
+
+def fit_image(im: Image.Image) -> tuple[Image.Image | None, str | None]:
+    """An image the Qwen2-VL processor accepts, and what was done to it (None when nothing was).
+
+    No pixels (0 x h): dropped (None). Long side over MAX_ASPECT_RATIO times the short one (a 400x1 strip):
+    padded with black at the bottom / right up to that ratio, so the content keeps its coordinates; a strip
+    too long for a padded canvas within MAX_FIT_PIXELS is shrunk first. Every other image is returned as is,
+    the same object, so ordinary images reach the processor exactly as before."""
+    w, h = im.size
+    if w < 1 or h < 1:
+        return None, "dropped: it has no pixels"
+    long_side, short_side = max(w, h), min(w, h)
+    if long_side <= MAX_ASPECT_RATIO * short_side:
+        return im, None
+    did = []
+    if long_side > _MAX_PADDED_LONG_SIDE:
+        scale = _MAX_PADDED_LONG_SIDE / long_side
+        im = im.resize((max(1, min(_MAX_PADDED_LONG_SIDE, round(w * scale))),
+                        max(1, min(_MAX_PADDED_LONG_SIDE, round(h * scale)))), Image.Resampling.BICUBIC)
+        w, h = im.size
+        did.append(f"shrunk to {w}x{h}")
+    short_needed = math.ceil(max(w, h) / MAX_ASPECT_RATIO)
+    size = (max(w, short_needed), h) if h > w else (w, max(h, short_needed))
+    canvas = Image.new(im.mode, size)  # zeros: black
+    canvas.paste(im, (0, 0))
+    did.append(f"padded to {size[0]}x{size[1]} with black (aspect ratio over {MAX_ASPECT_RATIO}:1)")
+    return canvas, " and ".join(did)
 
 
 class ChatFormatError(ValueError):
@@ -55,6 +125,9 @@ class ChatProcessor:
         for name in ("im_start_id", "im_end_id", "image_pad_id", "vision_start_id", "vision_end_id"):
             if getattr(self, name) is None or getattr(self, name) == unk:
                 raise ValueError(f"tokenizer lacks the Qwen2-VL special token for {name}")
+        if self.im_start_id in self.encode_plain("<|im_start|>"):
+            # a tokenizer that ignores split_special_tokens would let tool output open chat turns
+            raise ValueError(f"tokenizer {type(self.tokenizer).__name__} does not honour split_special_tokens")
         self.merge_size = int(self.image_processor.merge_size)
 
     @classmethod
@@ -71,7 +144,15 @@ class ChatProcessor:
 
     # -- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Our own text (template pieces, the policy's turns in scripts and data): special tokens are parsed."""
+        with _ENCODE_LOCK:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_plain(self, text: str | bytes) -> list[int]:
+        """Environment text (tool outputs, search results): sanitized (`sanitize_text`), and special-token
+        strings are split into ordinary tokens. Text without special tokens gets exactly `encode`'s ids."""
+        with _ENCODE_LOCK:
+            return self.tokenizer.encode(sanitize_text(text), add_special_tokens=False, split_special_tokens=True)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

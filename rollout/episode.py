@@ -9,10 +9,19 @@
 
 The policy's tokens, including the stop tag it generated, get loss mask 1 and their sampling-time
 log-probs; everything the environment writes gets 0. Limits end an episode with a recorded stop_reason.
+
+Tool text is environment text: encoded as plain text (ChatProcessor.encode_plain), so what code prints can
+never become a control token; returned images pass chat.fit_image first. An exception while handling one
+episode's turn, tool call or observation ends that episode only (stop_reason tool_error / env_error, the
+one-line Trajectory.error, a RuntimeWarning); its state is rolled back to before the failing stage, so the
+trajectory stays consistent (every pad block has its image) and the batch goes on.
 """
 
 from __future__ import annotations
 
+import os
+import traceback
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .chat import ChatProcessor, render_chat
+from .chat import ChatProcessor, fit_image, render_chat
 from .engine import Engine, stop_token_sets
 from .protocol import SYSTEM_PROMPT, Action, invalid_action_feedback, parse_action
 from .radix_cache import image_hashes
@@ -29,6 +38,9 @@ from .types import GenerateRequest, GenerateResult, SamplingParams, ToolCallReco
 
 PROTOCOL_TOOLS = ("code", "search", "image_search")
 TRUNCATION_NOTE = "\n...[output truncated]"
+MAX_ERROR_CHARS = 500  # Trajectory.error: an exception message can carry arbitrary tool output
+# Which stop_reason a failing stage gives (see types.STOP_REASONS).
+STAGE_STOP_REASONS = {"turn": "env_error", "tool": "tool_error", "observation": "env_error"}
 
 
 @dataclass
@@ -101,6 +113,8 @@ class _Episode:
         self.turn_texts: list[str] = []
         self.tool_calls: list[ToolCallRecord] = []
         self.stop_reason: str | None = None
+        self.error: str | None = None
+        self.error_reported = False
         self.answer: str | None = None
         self.session = None
         self.pending: Action | None = None
@@ -131,6 +145,18 @@ class _Episode:
         self.mask.extend([0] * len(ids))
         self.logprobs.extend([0.0] * len(ids))
 
+    def snapshot(self) -> tuple[int, ...]:
+        """The lengths of everything a stage appends to (restore() truncates back to them)."""
+        return (len(self.ids), len(self.mask), len(self.logprobs), len(self.images), len(self.pixels), len(self.grids),
+                len(self.image_keys), len(self.turn_spans), len(self.turn_texts), len(self.tool_calls))
+
+    def restore(self, snap: tuple[int, ...]) -> None:
+        lists = (self.ids, self.mask, self.logprobs, self.images, self.pixels, self.grids, self.image_keys,
+                 self.turn_spans, self.turn_texts, self.tool_calls)
+        for lst, n in zip(lists, snap):
+            del lst[n:]
+        self.answer = None
+
     def trajectory(self) -> Trajectory:
         p = self.prompt
         return Trajectory(
@@ -141,6 +167,7 @@ class _Episode:
             group_id=self.group_id, prompt_len=self.prompt_len, num_turns=len(self.turn_spans), answer=self.answer,
             turn_texts=self.turn_texts, prompt_id=p.id, sample_index=self.sample_index,
             metadata={**p.metadata, "question": p.question, "ground_truth": p.answer, "category": p.category},
+            error=self.error,
         )
 
 
@@ -160,11 +187,45 @@ class EpisodeRunner:
         self.p, self.registry, self.limits, self.session_factory = processor, registry, limits, session_factory
         self.eos, self.special = stop_token_sets(processor)
 
+    # -- faults ---------------------------------------------------------------------------------------
+    def guarded(self, stage: str, fn: Callable, ep: _Episode, *args):
+        """fn(ep, *args); an exception ends this episode only (state rolled back to before the stage).
+        Runs in tool worker threads too: it touches nothing but `ep`."""
+        snap = ep.snapshot()
+        try:
+            return fn(ep, *args)
+        except Exception as e:  # noqa: BLE001 -- one episode's fault must not cost the batch
+            ep.restore(snap)
+            if stage == "tool" and ep.pending is not None:
+                # the call happened as far as the metrics go: count it as a failed call
+                ep.tool_calls.append(ToolCallRecord(ep.pending.tool_name, ep.pending.tool_args, "error", 0.0,
+                                                    f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]))
+            self.fail(ep, stage, e)
+            return None
+
+    @staticmethod
+    def fail(ep: _Episode, stage: str, e: BaseException) -> None:
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ is not None else None
+        at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where is not None else ""
+        msg = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+        if len(msg) > MAX_ERROR_CHARS:
+            msg = msg[:MAX_ERROR_CHARS] + "..."
+        ep.error = f"{stage}: {msg}{at}"
+        ep.stop_reason = STAGE_STOP_REASONS[stage]
+        ep.pending = None
+
+    @staticmethod
+    def report(episodes) -> None:
+        """One warning line per newly failed episode, from the calling (main) thread."""
+        for ep in episodes:
+            if ep.error is not None and not ep.error_reported:
+                ep.error_reported = True
+                warnings.warn(f"episode {ep.prompt.id!r}#{ep.sample_index} ends with {ep.stop_reason}: {ep.error}",
+                              RuntimeWarning, stacklevel=3)
+
     # -- the policy's turn ---------------------------------------------------------------------
     def add_turn(self, ep: _Episode, res: GenerateResult) -> None:
         """Append the policy's tokens (mask 1) and decide what happens next."""
-        if len(res.token_ids) != len(res.logprobs):
-            raise ValueError(f"engine returned {len(res.token_ids)} tokens but {len(res.logprobs)} log-probs")
         start = len(ep.ids)
         ep.ids.extend(res.token_ids)
         ep.mask.extend([1] * len(res.token_ids))
@@ -205,7 +266,7 @@ class EpisodeRunner:
                 ep.session = self.session_factory(list(ep.input_images))
             except Exception as e:  # noqa: BLE001 -- a sandbox that cannot start ends this episode only
                 ep.tool_calls.append(ToolCallRecord(action.tool_name, action.tool_args, "error", 0.0, f"session: {e}"))
-                ep.stop_reason = "tool_error"
+                self.fail(ep, "tool", e)
                 return None
         result = self.registry.call(action.tool_name, action.tool_args, ep.session)
         ep.tool_calls.append(ToolCallRecord(action.tool_name, action.tool_args, result.status, result.latency_s, result.error))
@@ -214,16 +275,29 @@ class EpisodeRunner:
         return result.text or "", images
 
     def add_observation(self, ep: _Episode, text: str, images: list[Image.Image]) -> None:
+        """Append the user turn with the tool's text and images (mask 0). Nothing is appended until every
+        piece (tokens, pixels, image keys) exists, so a failure leaves the episode as it was."""
         p, lim = self.p, self.limits
+        kept, notes = [], []
+        for k, im in enumerate(images, 1):
+            fitted, did = fit_image(im)
+            if did is not None:
+                notes.append(f"[returned image {k} ({im.width}x{im.height}) was {did}]")
+            if fitted is not None:
+                kept.append(fitted)
+        images = kept
         if len(ep.images) + len(images) > lim.max_images:
             ep.stop_reason = "max_images"
             return
-        text_ids = p.encode(text) if text else []
+        text_ids = p.encode_plain(text) if text else []
         if len(text_ids) > lim.max_tool_output_tokens:
-            text_ids = text_ids[: lim.max_tool_output_tokens] + p.encode(TRUNCATION_NOTE)
+            text_ids = text_ids[: lim.max_tool_output_tokens] + p.encode_plain(TRUNCATION_NOTE)
+        if notes:  # after the truncation: the policy always learns what happened to its images
+            text_ids += p.encode_plain(("\n" if text_ids else "") + "\n".join(notes))
         obs = [] if ep.ids[-1] == p.im_end_id else [p.im_end_id]
         obs += p.encode("\n") + p.turn_header("user") + text_ids
         vis = p.image_inputs(images) if images else None
+        keys = image_hashes(vis.pixel_values, vis.grid_thw) if images else []
         if images:
             if text_ids:
                 obs += p.encode("\n")
@@ -239,7 +313,7 @@ class EpisodeRunner:
             ep.images.extend(images)
             ep.pixels.extend(vis.pixel_values.split(sizes))
             ep.grids.extend(g for g in vis.grid_thw)
-            ep.image_keys.extend(image_hashes(vis.pixel_values, vis.grid_thw))
+            ep.image_keys.extend(keys)
 
 
 def check_registry(registry: Any, required: tuple[str, ...]) -> None:
@@ -304,13 +378,16 @@ def run_episodes(
                 if len(results) != len(reqs):
                     raise RuntimeError(f"engine returned {len(results)} results for {len(reqs)} requests")
                 for (ep, _), res in zip(reqs, results):
-                    runner.add_turn(ep, res)
+                    if len(res.token_ids) != len(res.logprobs):  # the engine's bug, not this episode's
+                        raise ValueError(f"engine returned {len(res.token_ids)} tokens but {len(res.logprobs)} log-probs")
+                    runner.guarded("turn", runner.add_turn, ep, res)
                 waiting = [ep for ep, _ in reqs if not ep.done]
-                outputs = list(workers.map(runner.run_tool, waiting))
+                outputs = list(workers.map(lambda ep: runner.guarded("tool", runner.run_tool, ep), waiting))
                 for ep, out in zip(waiting, outputs):
                     ep.pending = None
-                    if out is not None:
-                        runner.add_observation(ep, *out)
+                    if out is not None and not ep.done:
+                        runner.guarded("observation", runner.add_observation, ep, *out)
+                runner.report(ep for ep, _ in reqs)
                 # A finished episode gives its sandbox back now, not at the end of the batch: a large
                 # batch would otherwise hold one live worker process per tool-using episode.
                 for ep, _ in reqs:

@@ -10,6 +10,12 @@ from PIL import Image
 
 DEFAULT_STOP = ("</code>", "</tool_call>", "</answer>")
 FINISH_REASONS = ("stop", "length", "eos")
+# How an episode ended (Trajectory.stop_reason). tool_error: the tool call itself failed beyond what the tool
+# reports to the policy (its sandbox would not start, the registry raised); env_error: the episode loop failed
+# on this episode's data (decoding or parsing the policy's turn, encoding or processing the observation). Both
+# record Trajectory.error, and end that episode only.
+STOP_REASONS = ("answer", "max_turns", "max_tokens", "max_images", "no_action", "invalid_token", "tool_error",
+                "env_error")
 
 
 @dataclass
@@ -101,8 +107,9 @@ class Trajectory:
     the sampling-time log-prob of those tokens (0 elsewhere); images: input images then tool-returned ones, in
     order of appearance, with pixel_values [P, D] fp32 / image_grid_thw [N, 3] int64 (None when no images);
     turn_spans: [start, end) of each policy turn in token_ids; tool_calls: one record per tool/code call;
-    stop_reason: answer | max_turns | max_tokens | max_images | no_action | invalid_token | tool_error;
-    answer: the text inside <answer>...</answer> (None if the episode did not answer).
+    stop_reason: one of STOP_REASONS; error: "stage: ExceptionType: message (at file:line)" when the episode
+    ended with tool_error / env_error, else None; answer: the text inside <answer>...</answer> (None if the
+    episode did not answer).
     """
 
     token_ids: list[int]
@@ -122,6 +129,7 @@ class Trajectory:
     prompt_id: str = ""
     sample_index: int = 0
     metadata: dict = field(default_factory=dict)
+    error: str | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

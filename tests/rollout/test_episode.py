@@ -278,10 +278,12 @@ def test_session_failure_group_ids_and_registry_check(tiny):
     def broken(images):
         raise RuntimeError("no sandbox")
 
-    trajs, _, _ = _run(proc, lambda tag: CODE_TURN, session_factory=broken, group_size=3)
+    with pytest.warns(RuntimeWarning, match="ends with tool_error: tool: RuntimeError: no sandbox"):
+        trajs, _, _ = _run(proc, lambda tag: CODE_TURN, session_factory=broken, group_size=3)
     assert [t.stop_reason for t in trajs] == ["tool_error"] * 3
     assert [t.sample_index for t in trajs] == [0, 1, 2] and {t.group_id for t in trajs} == {0}
     assert "no sandbox" in trajs[0].tool_calls[0].error
+    assert trajs[0].error.startswith("tool: RuntimeError: no sandbox (at test_episode.py:")
     FakeSession.closed = 0
     trajs, _, _ = _run(proc, lambda tag: [CODE_TURN, ANSWER_TURN][tag.turn], group_size=2)
     assert FakeSession.closed == 2  # one session per episode, closed at the end
