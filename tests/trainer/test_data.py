@@ -240,3 +240,69 @@ def test_iterator_max_epochs_and_bad_state():
     assert len(list(it)) == 6
     with pytest.raises(ValueError, match="position"):
         ShuffledIterator(3, DataState(position=5))
+
+
+# ----------------------------------------------------------------------------- prompt images checked at load
+
+
+def huge_png(path, width: int, height: int) -> None:
+    """A valid 1-bit PNG of width x height written row by row (a few hundred KB on disk; 400 M pixels for
+    20000 x 20000 if decoded, which nothing here does)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def truncated_png(path) -> None:
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-300])  # the header is intact, the pixel data cut short
+
+
+def flipped_png(path) -> None:
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # inside IDAT: the chunk's CRC no longer matches
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png"), r"cannot decode image"),
+    (truncated_png, r"cannot decode image"),
+    (flipped_png, r"cannot decode image"),
+    # PIL itself refuses > 2x its limit at open, before the size can be read: its words carry the pixel count
+    (lambda p: huge_png(p, 20000, 20000), r"image is over data\.max_image_pixels=89,478,485 \(.*400000000 pixels"),
+    (lambda p: huge_png(p, 10000, 10000), r"image is 10000x10000 = 100,000,000 pixels, over data\.max_image_pixels=89,478,485"),
+    (lambda p: huge_png(p, 400, 1), r"image is 400x1, an aspect ratio over 200"),
+], ids=["garbage", "truncated", "bit-flip", "20000x20000", "10000x10000", "400x1"])
+def test_bad_prompt_images_fail_at_load_naming_file_line(tmp_path, make, match):
+    make(tmp_path / "bad.png")
+    Image.new("RGB", (56, 56)).save(tmp_path / "good.png")
+    rows = [{"id": "a", "question": "How many?", "answer": "3", "images": ["good.png"]},
+            {"id": "b", "question": "How many?", "answer": "3", "images": ["good.png", "bad.png"]}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"prompts\.jsonl:2: image 1 \(.*bad\.png\): {match}"):
+        load_prompts(tmp_path / "prompts.jsonl")
+
+
+def test_prompt_image_pixel_cap_is_configurable(tmp_path):
+    Image.new("RGB", (100, 100)).save(tmp_path / "im.png")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "question": "q?", "answer": "1", "images": ["im.png"]}) + "\n")
+    assert len(load_prompts(tmp_path / "p.jsonl")) == 1
+    with pytest.raises(DataError, match=r"p\.jsonl:1: image 0 .*100x100 = 10,000 pixels, over data\.max_image_pixels=9,999"):
+        load_prompts(tmp_path / "p.jsonl", max_image_pixels=9_999)
+
+
+def test_sft_image_pixel_cap(tmp_path, proc):
+    Image.new("RGB", (100, 100)).save(tmp_path / "im.png")
+    rec = {"messages": [{"role": "user", "content": "<image>How many?"}, {"role": "assistant", "content": "<answer>1</answer>"}],
+           "images": ["im.png"], "_source": "sft.jsonl", "_line": 7}
+    assert len(sft_samples([rec], proc, base_dir=tmp_path)) == 1
+    with pytest.raises(DataError, match=r"sft\.jsonl:7: image 0 \(im\.png\): image is 100x100 = 10,000 pixels, over"):
+        sft_samples([rec], proc, base_dir=tmp_path, max_image_pixels=9_999)
