@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,27 @@ def test_extreme_and_empty_images_never_reach_the_processor_raw(proc):
     assert "image 3" not in obs and "image 5" not in obs
 
 
+def test_every_fitted_size_is_accepted_by_the_processor(proc):
+    """Sizes from empty to 16.7 M pixels, ratios from 1 to 20000: the processor never raises on fit_image's
+    output (an unfitted 201x1 already does)."""
+    from deepeyesv2_rollout.chat import fit_image
+
+    with pytest.raises(ValueError, match="aspect ratio"):
+        proc.image_inputs([Image.new("RGB", (201, 1))])
+    sizes = [0, 1, 2, 3, 13, 28, 199, 200, 201, 400, 4096, 20000]
+    for w in sizes:
+        for h in sizes:
+            if w * h > 4096 * 4096:
+                continue
+            out, note = fit_image(Image.new("RGB", (w, h)))
+            if w == 0 or h == 0:
+                assert out is None and note == "dropped: it has no pixels"
+                continue
+            vis = proc.image_inputs([out])
+            assert vis.grid_thw.shape == (1, 3), (w, h)
+            assert (note is None) == (max(w, h) <= 200 * min(w, h)), (w, h, note)
+
+
 def test_ordinary_images_pass_unchanged(proc):
     from deepeyesv2_rollout.chat import fit_image
 
@@ -252,7 +274,8 @@ def _fault_batch(proc, registry=None):
         return ANSWER_TURN
 
     registry = registry or ToolRegistry([EchoTool(), TextTool("search"), TextTool("image_search")])
-    prompts = [Prompt(id=f"p{i}", question=f"Q{i}?", images=[_image(i)], answer="x") for i in range(2)]
+    prompts = [Prompt(id=f"p{i}", question=f"Q{i}?", images=[_image(i)], answer="x",
+                      metadata={"answer": "x", "answer_type": "exact"}) for i in range(2)]
     return run_episodes(FakeEngine(proc, script), proc, registry, prompts, 2, SamplingParams(), EpisodeLimits(),
                         progress=False, session_factory=FakeSession)
 
@@ -319,3 +342,35 @@ def test_fault_in_one_stage_ends_only_that_episode(proc, stage, monkeypatch):
         assert g.token_ids == r.token_ids and g.loss_mask == r.loss_mask and g.sample_logprobs == r.sample_logprobs
         assert torch.equal(g.image_grid_thw, r.image_grid_thw) and torch.equal(g.pixel_values, r.pixel_values)
         assert g.turn_spans == r.turn_spans and g.turn_texts == r.turn_texts
+
+
+@pytest.mark.parametrize("stage", ["decode", "tool"])
+def test_trainer_scores_packs_and_trains_failed_episodes(proc, stage, monkeypatch):
+    """The RL step's own functions take a batch with a failed episode: reward 0 (no answer, bad format),
+    its policy tokens (none when the failing turn was rolled back) packed with their mask, a finite update."""
+    from deepeyesv2.config import Config
+    from deepeyesv2.memory import build_train_optimizer
+    from deepeyesv2.model import build_model
+    from deepeyesv2.rewards import get_reward_fn
+    from deepeyesv2.rl import ScoredGroup, build_rows, rollout_metrics, score_trajectories, update_policy
+
+    cfg = Config()
+    cfg.train.tokens_per_batch, cfg.rl.mini_batches = 4096, 1
+    registry = _inject(stage, proc, monkeypatch)
+    with pytest.warns(RuntimeWarning, match=f"injected {stage} fault"):
+        trajs = _fault_batch(proc, registry)
+    monkeypatch.undo()  # the update below must not hit the injected fault
+    bad = trajs[3]
+    assert bad.stop_reason in ("env_error", "tool_error")
+    groups = [ScoredGroup(trajs[i : i + 2], score_trajectories(trajs[i : i + 2], proc, get_reward_fn("deepeyesv2"), cfg))
+              for i in (0, 2)]
+    assert [r.total for g in groups for r in g.rewards] == [1.0, 1.0, 1.0, 0.0]
+    rows, rewards, gids = build_rows(groups, cfg.train.tokens_per_batch, proc)
+    assert sum(int(r.loss_mask.sum()) for r in rows) == sum(sum(t.loss_mask) for t in trajs)
+    assert sum(bad.loss_mask) == (0 if stage == "decode" else len(proc.encode(code_turn(BOOM))))
+    model, _ = build_model(ModelConfig())
+    opt, sched = build_train_optimizer(model, cfg.optim, 1)
+    out = update_policy(model, opt, sched, rows, rewards, gids, cfg)
+    assert math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
+    m = rollout_metrics(groups)
+    assert m["answered_rate"] == 0.75 and m["reward"] == 0.75
