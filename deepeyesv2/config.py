@@ -271,13 +271,17 @@ def _value(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
+def check_values(values: dict[str, tuple[Any, Check]]) -> None:
+    """{name: (value, check)}: ConfigError "name=value: must be ..." for the first value its check refuses."""
+    for key, (v, check) in values.items():
+        if not check.ok(v):
+            raise ConfigError(f"{key}={v!r}: must be {check.allowed}")
+
+
 def validate(cfg: Config) -> Config:
     """Check every field's range or allowed values (and the few that constrain each other); ConfigError naming
     the dotted key and what is allowed. Returns cfg."""
-    for key, check in constraints().items():
-        v = _value(cfg, key)
-        if not check.ok(v):
-            raise ConfigError(f"{key}={v!r}: must be {check.allowed}")
+    check_values({key: (_value(cfg, key), check) for key, check in constraints().items()})
     if cfg.rl.overlong_buffer >= cfg.rollout.max_total_tokens:
         raise ConfigError(f"rl.overlong_buffer={cfg.rl.overlong_buffer}: must be smaller than "
                           f"rollout.max_total_tokens={cfg.rollout.max_total_tokens} (the penalty starts at "

@@ -56,6 +56,20 @@ class EvalSettings:
     progress: bool = True
 
 
+def check_settings(s: EvalSettings) -> None:
+    """Every numeric flag's range, before the model or data is loaded (ConfigError naming the flag)."""
+    from .config import check_values, integer, number, one_of, optional
+
+    check_values({
+        "--samples": (s.samples, integer(1)), "--temperature": (s.temperature, number(0)),
+        "--max-turns": (s.max_turns, integer(1)), "--max-new-tokens": (s.max_new_tokens, integer(1)),
+        "--max-total-tokens": (s.max_total_tokens, integer(1)), "--limit": (s.limit, optional(integer(1))),
+        "--seed": (s.seed, integer(0)), "--sandbox-workers": (s.sandbox_workers, integer(0)),
+        "code_timeout_s": (s.code_timeout_s, number(0, lo_open=True)),  # no flag: set from Python only
+        "--dtype": (s.dtype, one_of("float32", "bfloat16", "float16")),
+    })
+
+
 def load_callable(spec: str, what: str = "judge") -> Callable:
     """`package.module:function` -> the function; ValueError naming the spec otherwise."""
     module, sep, attr = spec.partition(":")
@@ -153,6 +167,7 @@ def evaluate_checkpoint(s: EvalSettings) -> dict:
     """Load the model and data, run, write DIR/eval_results.json and DIR/eval_table.md; returns the result."""
     from .model import ModelConfig, build_model
 
+    check_settings(s)
     if not s.data:
         raise ValueError("--data is required (a JSONL of prompts)")
     if not Path(s.data).is_file():

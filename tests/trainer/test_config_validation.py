@@ -94,3 +94,35 @@ def test_defaults_examples_and_demo_configs_are_valid():
     for settings in (DemoSettings(), DemoSettings.quick()):
         for stage in ("sft", "rl"):
             validate(demo_config(settings, stage))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "0"], "--samples=0: must be an integer >= 1"),
+    (["--temperature", "-1"], "--temperature=-1.0: must be a number >= 0"),
+    (["--max-turns", "0"], "--max-turns=0: must be an integer >= 1"),
+    (["--limit", "0"], "--limit=0: must be null or an integer >= 1"),
+])
+def test_eval_rejects_bad_flags_before_loading_the_model(args, message, monkeypatch, tmp_path, capsys):
+    import deepeyesv2.model as model_mod
+    from deepeyesv2.eval_cli import main as eval_main
+
+    monkeypatch.setattr(model_mod, "build_model", lambda *a, **k: (_ for _ in ()).throw(ModelBuilt("built")))
+    data = REPO / "deepeyesv2" / "assets" / "realx_sample" / "realx_sample.jsonl"
+    assert eval_main(["--model", "tiny", "--data", str(data), "--out", str(tmp_path), *args]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_eval_refuses_a_corrupt_prompt_image_naming_file_line(monkeypatch, tmp_path, capsys):
+    import json
+
+    import deepeyesv2.model as model_mod
+    from deepeyesv2.eval_cli import main as eval_main
+
+    monkeypatch.setattr(model_mod, "build_model", lambda *a, **k: (_ for _ in ()).throw(ModelBuilt("built")))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (tmp_path / "bench.jsonl").write_text(json.dumps({"id": "a", "question": "q?", "answer": "1",
+                                                      "images": ["broken.png"]}) + "\n")
+    assert eval_main(["--model", "tiny", "--data", str(tmp_path / "bench.jsonl"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bench.jsonl:1: image 0" in err and "cannot decode image" in err, err
