@@ -25,7 +25,7 @@ import torch
 
 from deepeyesv2_rollout.types import GenerateRequest, GenerateResult, SamplingParams
 
-from .config import Config
+from .config import Config, validate
 from .demo_task import count_prompts, expert_turn, right_program_rate
 from .evaluate import format_table, rollout_and_score, summarize
 from .model import ModelConfig, build_model
@@ -130,6 +130,8 @@ def cold_start_samples(rollouts, prompts, s: DemoSettings, chunk: int = 64) -> t
 
 def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     t_start = time.perf_counter()
+    for stage in ("sft", "rl"):  # both stages' configs, before minutes of evaluation and SFT
+        validate(demo_config(s, stage))
     out = Path(s.out_dir)
     for stage in ("sft", "rl"):  # a demo run starts fresh: stale metrics would mix into its curves
         shutil.rmtree(out / stage, ignore_errors=True)

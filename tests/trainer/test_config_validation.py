@@ -126,3 +126,13 @@ def test_eval_refuses_a_corrupt_prompt_image_naming_file_line(monkeypatch, tmp_p
     assert eval_main(["--model", "tiny", "--data", str(tmp_path / "bench.jsonl"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "bench.jsonl:1: image 0" in err and "cannot decode image" in err, err
+
+
+def test_demo_checks_both_stages_before_building_the_model(monkeypatch, tmp_path):
+    import deepeyesv2.demo as demo_mod
+
+    monkeypatch.setattr(demo_mod, "build_model", lambda *a, **k: (_ for _ in ()).throw(ModelBuilt("built")))
+    s = DemoSettings.quick()
+    s.out_dir, s.group_size = str(tmp_path / "demo"), 1
+    with pytest.raises(ConfigError, match=r"^rl\.group_size=1: must be an integer >= 2$"):
+        demo_mod.run_demo(s, progress=False)
