@@ -1,18 +1,27 @@
 """Sandbox worker: a notebook-like Python kernel run in its own process (and namespaces).
 
-Started by ``sandbox.py`` as ``python -I _sandbox_worker.py FD_IN FD_OUT``, usually under
-``unshare --fork --pid --net --mount --ipc --uts`` so that this process is pid 1 of a fresh pid
-namespace. It runs as root only long enough to set itself up:
+Started by ``sandbox.py`` as ``python -I _sandbox_worker.py [--ns pid,net,mount,ipc,uts]
+[--uid-base N] [--cgroup DIR]... LIFELINE REQ RESP``. That process is the **launcher**: it stays in
+the trainer's namespaces, creates a pid namespace and forks the **kernel**, pid 1 of it, then
+only waits. The launcher is the lifeline: the trainer holds the write end of the LIFELINE pipe and
+never writes to it, so when the trainer dies (even by SIGKILL) the pipe hangs up and the launcher
+kills the kernel, which takes every process of the pid namespace with it. (The kernel has
+PR_SET_PDEATHSIG on the launcher, so killing the launcher kills it too.)
 
-1. read its config frame (uid, limits, which namespaces it is in);
-2. in a private mount namespace: mount a fresh /proc, a size-limited private tmpfs on /tmp (the
-   working directory), read-only empty tmpfs over the other world-writable dirs, and a tmpfs over
-   each non-traversable ancestor of the interpreter (e.g. /root, mode 700) with the interpreter's
-   prefix bound back read-only -- so the unprivileged user can still import the stdlib while the
-   rest of /root stays invisible;
-3. pre-import numpy / PIL so a call costs milliseconds (matplotlib, Agg, on first use);
-4. set rlimits, drop to the unprivileged uid/gid (setgroups([])), set no_new_privs, chdir;
-5. send a ``ready`` frame and serve requests.
+The kernel runs as root only long enough to set itself up:
+
+1. join the sandbox's cgroup(s) (created and limited by the trainer), unshare the mount, network,
+   ipc and uts namespaces, read its config frame (uid, limits, which namespaces it is in);
+2. in the private mount namespace, switch to a new root that holds only what code needs: the
+   system directories (/usr, /lib*, /bin, /sbin, /etc) and the interpreter's prefixes and
+   site-packages, read-only; a fresh /proc; a minimal /dev; a size- and inode-limited private
+   tmpfs on /tmp (the working directory). The trainer's checkout, data, checkpoints and home
+   directories do not exist in it;
+3. bound SysV shared memory in its ipc namespace (kernel.shmmax/shmall/shmmni);
+4. pre-import numpy / PIL so a call costs milliseconds (matplotlib, Agg, on first use);
+5. set rlimits, drop to the unprivileged uid/gid (setgroups([])), set no_new_privs, seccomp;
+6. send a ``ready`` frame and serve requests. As pid 1 it reaps the zombies that code leaves
+   (orphans and unwaited children) after every call.
 
 Stand-alone on purpose (stdlib + numpy/PIL/matplotlib only): it runs as a script, not as part of
 the package. Frames are a 4-byte big-endian length + UTF-8 JSON; images travel as base64 PNG.
@@ -23,13 +32,15 @@ import ast
 import base64
 import codecs
 import ctypes
+import gc
 import io
 import json
 import linecache
 import os
 import resource
+import select
 import signal
-import stat
+import site
 import struct
 import sys
 import traceback
@@ -38,8 +49,14 @@ import warnings
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
-PR_SET_NO_NEW_PRIVS = 38
-WORLD_WRITABLE_DIRS = ("/var/tmp", "/run/lock", "/dev/shm", "/dev/mqueue")
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+NS_FLAGS = {"pid": CLONE_NEWPID, "net": CLONE_NEWNET, "mount": CLONE_NEWNS, "ipc": CLONE_NEWIPC,
+            "uts": CLONE_NEWUTS}
+SYS_PIVOT_ROOT = 155  # x86_64 and the generic table (aarch64: 41)
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+DEVICES = ("null", "zero", "full", "random", "urandom")
 WORKDIR = "/tmp"
 PRELOAD_STDLIB = (
     "math", "cmath", "re", "json", "collections", "itertools", "functools", "random", "statistics",
@@ -94,66 +111,100 @@ def umount(target: str) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
-def hidden_ancestor(path: str):
-    """Topmost ancestor of ``path`` that others cannot traverse (no o+x), or None."""
-    parts = os.path.abspath(path).split("/")[1:]
-    cur = ""
-    for part in parts:
-        cur += "/" + part
-        try:
-            if not os.stat(cur).st_mode & stat.S_IXOTH:
-                return cur
-        except OSError:
-            return None
-    return None
+def visible_dirs() -> list:
+    """What sandboxed code may see, read-only: the system directories and the interpreter's
+    prefixes and site-packages. Not the rest of ``sys.path``: an editable install (or a .pth
+    file) can put the trainer's checkout there."""
+    dirs = [d for d in SYSTEM_DIRS if os.path.lexists(d)]
+    for p in {sys.base_prefix, sys.prefix, sys.base_exec_prefix, sys.exec_prefix,
+              *site.getsitepackages()}:
+        if p and os.path.isdir(p):
+            dirs.append(os.path.abspath(p))
+    # Outermost first; a dir inside another one (the venv's site-packages inside the venv,
+    # /usr/local inside /usr) comes with its parent.
+    dirs = sorted(set(dirs))
+    return [d for d in dirs if not any(d != q and d.startswith(q + "/") for q in dirs
+                                       if not os.path.islink(q))]
+
+
+def _pivot_root(new_root: str) -> bool:
+    """pivot_root(new_root, new_root) stacks the old root on the new one; detaching it leaves
+    nothing of the old tree in this mount namespace. False where pivot_root is refused (an
+    initramfs root): the caller chroots instead."""
+    os.chdir(new_root)
+    syscall = _libc.syscall
+    nr = SYS_PIVOT_ROOT if os.uname().machine == "x86_64" else 41
+    if syscall(nr, b".", b".") != 0:
+        return False
+    umount(".")
+    os.chdir("/")
+    return True
 
 
 def setup_mounts(cfg: dict) -> list:
-    """Returns notes on what could not be done (best effort beyond /tmp and /proc)."""
+    """Switch to a new root with only what code needs (see the module docstring). Returns notes."""
     notes = []
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    if cfg["pid_ns"]:
-        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    # Paths the unprivileged interpreter must read, collected BEFORE /tmp is covered.
-    needed = sorted({p for p in [sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path]
-                     if p and os.path.isdir(p) and hidden_ancestor(p)})
-    # Keep the outermost needed dirs only (binding a parent brings its children).
-    needed = [p for p in needed if not any(p != q and p.startswith(q + "/") for q in needed)]
-    # The interpreter may itself live under the directory the private tmpfs covers (a venv in a clone
-    # under /tmp, as CI makes): hold those directories by O_PATH descriptors now, rebind them after.
-    covered = sorted({os.path.abspath(p) for p in [sys.base_prefix, sys.prefix, os.path.dirname(__file__), *sys.path]
-                      if p and os.path.isdir(p) and os.path.abspath(p).startswith(WORKDIR + "/")})
-    covered = [p for p in covered if not any(p != q and p.startswith(q + "/") for q in covered)]
-    held = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in covered]
-    tmp_opts = f"size={cfg['tmpfs_mb']}m,mode=0700,uid={cfg['uid']},gid={cfg['gid']}"
-    mount("tmpfs", WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
-    for p, fd in held:
-        os.makedirs(p, mode=0o755, exist_ok=True)
-        mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
-        mount(None, p, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    dirs = visible_dirs()
+    # Hold every source by an O_PATH descriptor before anything is covered (a venv may live under
+    # /tmp, which the new root's tmpfs is mounted on); bind from /proc/self/fd/N.
+    held = [(d, os.readlink(d) if os.path.islink(d) else None,
+             None if os.path.islink(d) else os.open(d, os.O_PATH | os.O_DIRECTORY)) for d in dirs]
+    new = WORKDIR  # any existing directory: covering it is invisible outside this namespace
+    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
+    for d, link, fd in held:
+        target = new + d
+        if link is not None:  # /bin -> usr/bin on merged-usr systems
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            os.symlink(link, target)
+            continue
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
-    stages = []
-    for i, p in enumerate(needed):
-        stage = f"{WORKDIR}/.stage{i}"
-        os.mkdir(stage)
-        mount(p, stage, None, MS_BIND | MS_REC)
-        stages.append((p, stage))
-    for root in sorted({hidden_ancestor(p) for p in needed}):
-        mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-    for p, stage in stages:
-        os.makedirs(p, exist_ok=True)
-        mount(stage, p, None, MS_BIND | MS_REC)
-        mount(None, p, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        umount(stage)
-        os.rmdir(stage)
-    for d in WORLD_WRITABLE_DIRS:
-        try:
-            if os.path.isdir(d) and not os.path.islink(d):
-                mount("tmpfs", d, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                      "size=4k,mode=0755")
-        except OSError as e:
-            notes.append(str(e))
+    os.makedirs(new + WORKDIR, mode=0o755)
+    tmp_opts = (f"size={cfg['tmpfs_mb']}m,nr_inodes={cfg['tmpfs_inodes']},mode=0700,"
+                f"uid={cfg['uid']},gid={cfg['gid']}")
+    mount("tmpfs", new + WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
+    os.makedirs(new + "/proc", mode=0o555)
+    # A fresh procfs: with a pid namespace it shows only the sandbox's processes.
+    mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    dev = new + "/dev"
+    os.makedirs(dev, mode=0o755)
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+    for name in DEVICES:
+        if os.path.exists(f"/dev/{name}"):
+            open(f"{dev}/{name}", "w").close()
+            mount(f"/dev/{name}", f"{dev}/{name}", None, MS_BIND)
+    for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                       ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(link, f"{dev}/{name}")
+    os.makedirs(f"{dev}/shm", mode=0o755)  # POSIX shm: present but read-only and empty
+    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          "size=4k,nr_inodes=16,mode=0755")
+    mount(None, dev, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+    if not _pivot_root(new):
+        notes.append("pivot_root refused (initramfs root?): the sandbox chroots into its new root")
+        os.chroot(new)
+        os.chdir("/")
+    mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     return notes
+
+
+def limit_sysv_shm(cfg: dict) -> None:
+    """SysV shared memory is per ipc namespace; its defaults allow the whole of RAM. Only called
+    in a private ipc namespace: these sysctls would otherwise change the host's."""
+    shm = cfg["shm_mb"] << 20
+    for name, value in (("shmmax", shm), ("shmall", max(1, shm // os.sysconf("SC_PAGE_SIZE"))),
+                        ("shmmni", 64)):
+        with open(f"/proc/sys/kernel/{name}", "w") as f:
+            f.write(str(value))
+
+
+def join_cgroups(dirs: list) -> None:
+    for d in dirs:
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write("0")  # this process; its children are born inside
 
 
 # ---------------------------------------------------------------- seccomp (x86_64)
@@ -422,6 +473,7 @@ class Kernel:
             sys.stdout, sys.stderr, sys.stdin = saved
         if os.getpid() != self.cfg["main_pid"]:
             os._exit(0)  # a forked child must never touch the protocol channel
+        reap_zombies()
         try:
             self.show_figures()  # Jupyter-inline semantics: figures left open are shown too
         except Exception as e:  # noqa: BLE001
@@ -434,6 +486,45 @@ class Kernel:
                       f"{self.cfg['max_reply_mb']} MB]")
         return {"stdout": out.getvalue(), "stderr": err.getvalue(), "images": self.images,
                 "error": error}
+
+
+def _zombie_children() -> list:
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] == b"Z" and int(fields[1]) == me:
+                out.append(int(entry))
+    return out
+
+
+def reap_zombies() -> None:
+    """Reap the exited children nobody will wait for: as pid 1 this process inherits every orphan
+    of the sandbox, and each unreaped one holds a slot of the process limit for good.
+
+    A child that a live ``Popen`` (subprocess, multiprocessing) still owns is left to it, so
+    ``p.wait()`` in a later call gets the real exit status."""
+    try:
+        if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return  # no exited child: the common case costs one syscall
+    except ChildProcessError:
+        return
+    zombies = _zombie_children()
+    if not zombies:
+        return
+    owned = {o.pid for o in gc.get_objects()
+             if type(o).__name__ == "Popen" and isinstance(getattr(o, "pid", None), int)
+             and getattr(o, "returncode", 0) is None}
+    for pid in zombies:
+        if pid not in owned:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 def report(cfg: dict, notes: list) -> dict:
@@ -453,8 +544,110 @@ def net_interfaces() -> list:
         return []
 
 
-def main() -> None:
-    fd_in, fd_out = int(sys.argv[1]), int(sys.argv[2])
+def parse_args(argv: list) -> dict:
+    args = {"ns": [], "uid": None, "cgroups": []}
+    i = 0
+    while argv[i].startswith("--"):
+        flag, value = argv[i], argv[i + 1]
+        if flag == "--ns":
+            args["ns"] = [n for n in value.split(",") if n]
+        elif flag == "--uid-base":  # the sandbox's uid is uid_base + the launcher's pid
+            args["uid"] = int(value) + os.getpid()
+        elif flag == "--cgroup":
+            args["cgroups"].append(value)
+        i += 2
+    args["lifeline"], args["fd_in"], args["fd_out"] = (int(v) for v in argv[i:i + 3])
+    return args
+
+
+def _write(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError:
+        pass
+
+
+def _kill_stragglers(args: dict) -> None:
+    """Without a pid namespace, killing the kernel leaves its children: kill what is left in the
+    sandbox's cgroups, and (with a uid drop) every process of the sandbox's unique uid."""
+    for _ in range(50):
+        pids = set()
+        for d in args["cgroups"]:
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    pids.update(int(p) for p in f.read().split())
+            except (OSError, ValueError):
+                pass
+        if args["uid"] is not None:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        if os.stat(f"/proc/{entry}").st_uid == args["uid"]:
+                            pids.add(int(entry))
+                    except OSError:
+                        pass
+        pids.discard(os.getpid())
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def launch(args: dict) -> None:
+    """The launcher: fork the kernel into a new pid namespace, then wait for it or for the
+    trainer's end of the lifeline to close, whichever comes first."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if "pid" in args["ns"] and _libc.unshare(CLONE_NEWPID) != 0:
+        err = ctypes.get_errno()
+        sys.stderr.write(f"sandbox launcher: unshare(CLONE_NEWPID): {os.strerror(err)}\n")
+        os._exit(125)
+    me = os.getpid()
+    child = os.fork()
+    if child == 0:
+        # The kernel. Dies with the launcher (which is single-threaded, so the parent-death
+        # signal cannot fire early because a thread ended).
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() not in (me, 0):  # 0: the parent is outside our new pid namespace
+            os._exit(1)  # the launcher died before the parent-death signal was armed
+        os.close(args["lifeline"])
+        kernel_main(args)
+        os._exit(0)
+    os.close(args["fd_in"])
+    os.close(args["fd_out"])
+    pidfd = os.pidfd_open(child)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(args["lifeline"], select.POLLIN | select.POLLHUP | select.POLLERR)
+    while True:
+        ready = dict(poller.poll())
+        if pidfd in ready:
+            break
+        if args["lifeline"] in ready:
+            # The trainer is gone (or dropped this sandbox). A frozen cgroup is thawed first: a
+            # v1-frozen task does not die until it runs again.
+            for d in args["cgroups"]:
+                _write(os.path.join(d, "freezer.state"), "THAWED")
+                _write(os.path.join(d, "cgroup.freeze"), "0")
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            break  # its status is reported as usual: it may have exited on its own just before
+    _, status = os.waitpid(child, 0)
+    if "pid" not in args["ns"]:
+        _kill_stragglers(args)
+    if os.WIFSIGNALED(status):
+        # Report the kernel's death as our own, so the trainer can name the signal.
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def kernel_main(args: dict) -> None:
+    fd_in, fd_out = args["fd_in"], args["fd_out"]
     # Move the protocol channel to fixed low descriptors (3, 4): its numbers then do not depend on how
     # many files the trainer happened to have open, and a cell that scribbles on descriptors is caught
     # by the frame checks in the trainer the same way every time.
@@ -473,7 +666,17 @@ def main() -> None:
     cfg = recv(fd_in)
     notes = []
     try:
+        # First, before anything can allocate: into the cgroup, whose limits then cover every
+        # process this one starts.
+        join_cgroups(cfg["cgroups"])
+        flags = 0
+        for name in args["ns"]:
+            flags |= NS_FLAGS[name] if name != "pid" else 0
+        if flags and _libc.unshare(flags) != 0:
+            raise OSError(ctypes.get_errno(), f"unshare({','.join(args['ns'])})")
         host_pid = int(os.readlink("/proc/self"))  # host procfs still mounted: this is the host pid
+        if cfg["ipc_ns"]:
+            limit_sysv_shm(cfg)
         if cfg["mount_ns"]:
             notes += setup_mounts(cfg)
             workdir = WORKDIR
@@ -552,4 +755,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(parse_args(sys.argv[1:]))

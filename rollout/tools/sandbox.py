@@ -39,6 +39,7 @@ import base64
 import collections
 import functools
 import io
+import itertools
 import json
 import os
 import select
@@ -80,6 +81,9 @@ class SandboxLimits:
     max_images: int = 10
     max_image_pixels: int = 4096 * 4096
     max_reply_mb: int = 8            # a reply frame over this is a dead worker (never allocated)
+    tmpfs_inodes: int = 16384        # files + dirs on the private /tmp (inodes are kernel memory)
+    shm_mb: int = 64                 # SysV shared memory in the sandbox's ipc namespace
+    cpu_cores: float = 1.0           # cpu.max of the sandbox's cgroup: CPUs it may use at once
     startup_timeout_s: float = 60.0
     uid_base: int = 1_000_000        # worker uid = gid = uid_base + pid of its launcher
 
@@ -125,16 +129,16 @@ class Isolation:
                  "ipc_ns": "ipc namespace", "uts_ns": "uts namespace"}
         return [text for key, text in names.items() if not getattr(self, key)]
 
+    def namespaces(self) -> list[str]:
+        return [name for ok, name in ((self.pid_ns, "pid"), (self.net_ns, "net"),
+                                      (self.mount_ns, "mount"), (self.ipc_ns, "ipc"),
+                                      (self.uts_ns, "uts")) if ok]
+
     def launcher(self) -> list[str]:
-        """argv prefix that puts the worker into the namespaces (empty when there are none)."""
-        flags = [f for ok, f in ((self.pid_ns, "--pid"), (self.net_ns, "--net"),
-                                 (self.mount_ns, "--mount"), (self.ipc_ns, "--ipc"),
-                                 (self.uts_ns, "--uts")) if ok]
-        if not flags or self.unshare is None:
-            return []
-        if self.pid_ns:
-            flags = ["--fork", "--kill-child", *flags]
-        return [self.unshare, *flags, "--"]
+        """argv prefix of the worker's launcher (see ``_sandbox_worker.py``), which creates the
+        namespaces (the ``unshare`` binary is only used to probe them)."""
+        ns = self.namespaces()
+        return [sys.executable, "-I", WORKER_SCRIPT, *(["--ns", ",".join(ns)] if ns else [])]
 
 
 _MOUNT_PROBE = (
@@ -188,6 +192,13 @@ def _unreadable_prefix() -> str | None:
 
 
 def _warn_if_weak(isolation: Isolation) -> None:
+    cgroups = detect_cgroups()
+    if isinstance(cgroups, str) and not _CGROUP_WARNED:
+        _CGROUP_WARNED.append(True)
+        warnings.warn("Python sandbox runs without whole-sandbox cgroup limits (" + cgroups + "): "
+                      "memory, processes and CPU are bounded per process (rlimits) and per uid only; "
+                      "memfd, shared memory and extra processes can take more, and idle sandboxes "
+                      "are stopped with SIGSTOP instead of frozen", RuntimeWarning, stacklevel=3)
     missing = isolation.missing()
     if missing:
         hidden = _unreadable_prefix()
@@ -198,10 +209,252 @@ def _warn_if_weak(isolation: Isolation) -> None:
                       + ", ".join(missing) + extra, RuntimeWarning, stacklevel=3)
 
 
+_CGROUP_WARNED: list[bool] = []  # once per process: the machine does not change
+
+
 def _minimal_env() -> dict[str, str]:
     # Nothing from the trainer's environment: no tokens, no paths, no CUDA settings.
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "MPLBACKEND": "Agg",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------- cgroups (whole-sandbox limits)
+
+CGROUP_PREFIX = "deepeyesv2-"
+CGROUP_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+@dataclass(frozen=True)
+class Cgroups:
+    """Where this trainer's sandbox cgroups are made: cgroup v2 (one directory with the memory,
+    pids and cpu controllers) or v1 (one directory per controller hierarchy)."""
+
+    version: int
+    parents: tuple[str, ...]  # this trainer's group in each hierarchy (v2: exactly one)
+    controllers: tuple[str, ...]
+    freezer: bool             # v2 cgroup.freeze, or a v1 freezer hierarchy among ``parents``
+
+    def describe(self) -> str:
+        return f"v{self.version} ({', '.join(self.controllers + (('freezer',) if self.freezer else ()))})"
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _own_cgroup_dirs() -> tuple[dict[str, str], str | None]:
+    """Directories of this process's cgroups: ({v1 controller: dir}, v2 dir or None)."""
+    mounts = []  # (root inside the hierarchy, mount point, fstype, super options)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fields, tail = pre.split(), post.split()
+            if len(fields) >= 5 and len(tail) >= 3 and tail[0] in ("cgroup", "cgroup2"):
+                mounts.append((fields[3], fields[4], tail[0], set(tail[2].split(","))))
+    v1, v2 = {}, None
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hid, names, path = line.rstrip("\n").split(":", 2)
+            for root, point, fstype, opts in mounts:
+                if not (path == root or path.startswith(root.rstrip("/") + "/")):
+                    continue
+                where = os.path.join(point, path[len(root.rstrip("/")):].lstrip("/"))
+                if hid == "0" and fstype == "cgroup2":
+                    v2 = where
+                elif fstype == "cgroup":
+                    for name in names.split(","):
+                        if name in opts:
+                            v1.setdefault(name, where)
+    return v1, v2
+
+
+def _remove_stale_groups(parent_dirs: list[str]) -> None:
+    """Groups of trainers that died (kill -9) stay behind empty; remove them."""
+    for d in parent_dirs:
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        for name in entries:
+            parts = name[len(CGROUP_PREFIX):].split("-") if name.startswith(CGROUP_PREFIX) else []
+            if len(parts) != 2 or not parts[0].isdigit() or _start_time(int(parts[0])) == parts[1]:
+                continue
+            group = os.path.join(d, name)
+            for child in (os.listdir(group) if os.path.isdir(group) else []):
+                if os.path.isdir(os.path.join(group, child)):
+                    _rmdir_quiet(os.path.join(group, child))
+            _rmdir_quiet(group)
+
+
+def _rmdir_quiet(path: str) -> bool:
+    try:
+        os.rmdir(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _cgroup_v2(where: str, group: str) -> Cgroups | str:
+    try:
+        with open(os.path.join(where, "cgroup.controllers")) as f:
+            have = set(f.read().split())
+        missing = [c for c in CGROUP_CONTROLLERS if c not in have]
+        if missing:
+            return f"cgroup v2 at {where} lacks the {', '.join(missing)} controller(s)"
+        with open(os.path.join(where, "cgroup.subtree_control")) as f:
+            enabled = set(f.read().split())
+        if not set(CGROUP_CONTROLLERS) <= enabled:
+            try:
+                with open(os.path.join(where, "cgroup.subtree_control"), "w") as f:
+                    f.write(" ".join(f"+{c}" for c in CGROUP_CONTROLLERS))
+            except OSError as e:
+                return (f"cannot enable controllers below the trainer's cgroup v2 {where} ({e.strerror}; "
+                        "v2 delegates only to a cgroup without processes: start the trainer in a leaf "
+                        "cgroup of its own, e.g. systemd-run --scope -p Delegate=yes)")
+        path = os.path.join(where, group)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "cgroup.subtree_control"), "w") as f:
+            f.write(" ".join(f"+{c}" for c in CGROUP_CONTROLLERS))
+        return Cgroups(2, (path,), CGROUP_CONTROLLERS, os.path.exists(os.path.join(path, "cgroup.freeze")))
+    except OSError as e:
+        return f"cgroup v2 at {where} is not writable ({e.strerror})"
+
+
+def _cgroup_v1(dirs: dict[str, str], group: str) -> Cgroups | str:
+    want = [c for c in (*CGROUP_CONTROLLERS, "freezer") if c in dirs]
+    missing = [c for c in ("memory", "pids") if c not in dirs]
+    if missing:
+        return f"no cgroup v1 {' or '.join(missing)} hierarchy mounted"
+    paths = []
+    try:
+        for c in want:
+            path = os.path.join(dirs[c], group)
+            os.makedirs(path, exist_ok=True)
+            paths.append(path)
+    except OSError as e:
+        for path in paths:
+            _rmdir_quiet(path)
+        return f"cgroup v1 at {dirs[c]} is not writable ({e.strerror})"
+    return Cgroups(1, tuple(paths), tuple(c for c in want if c != "freezer"), "freezer" in want)
+
+
+@functools.lru_cache(maxsize=1)
+def detect_cgroups() -> Cgroups | str:
+    """This trainer's parent cgroup for its sandboxes, or why there is none (probed once).
+
+    Each sandbox then gets a child group with ``memory.max`` (which counts shared memory, memfd
+    and tmpfs pages too), ``pids.max`` and ``cpu.max``; see ``_SandboxCgroup``."""
+    if sys.platform != "linux":
+        return "not Linux"
+    try:
+        v1, v2 = _own_cgroup_dirs()
+    except OSError as e:
+        return f"cannot read this process's cgroups ({e.strerror})"
+    group = f"{CGROUP_PREFIX}{os.getpid()}-{_start_time(os.getpid())}"
+    _remove_stale_groups([d for d in [v2, *v1.values()] if d])
+    reasons = []
+    for attempt in ((lambda: _cgroup_v2(v2, group)) if v2 else None,
+                    (lambda: _cgroup_v1(v1, group)) if v1 else None):
+        if attempt is None:
+            continue
+        got = attempt()
+        if isinstance(got, Cgroups):
+            atexit.register(_remove_groups, got)
+            return got
+        reasons.append(got)
+    return "; ".join(reasons) or "no cgroup hierarchy mounted"
+
+
+def _remove_groups(cg: Cgroups) -> None:
+    for parent in cg.parents:
+        _rmdir_quiet(parent)
+
+
+class _SandboxCgroup:
+    """One sandbox's cgroup(s), limited from the trainer's side before the worker joins them."""
+
+    _ids = itertools.count()
+
+    def __init__(self, cg: Cgroups, limits: SandboxLimits):
+        self.cg = cg
+        name = f"sb-{next(self._ids)}"
+        self.dirs = [os.path.join(p, name) for p in cg.parents]
+        memory, quota = limits.memory_mb << 20, int(limits.cpu_cores * 100_000)
+        if cg.version == 2:
+            settings = [("memory.max", memory), ("memory.swap.max", 0), ("memory.oom.group", 1),
+                        ("pids.max", limits.max_processes), ("cpu.max", f"{quota} 100000")]
+        else:
+            settings = [("memory.limit_in_bytes", memory), ("memory.memsw.limit_in_bytes", memory),
+                        ("pids.max", limits.max_processes), ("cpu.cfs_period_us", 100_000),
+                        ("cpu.cfs_quota_us", quota)]
+        try:
+            for d in self.dirs:
+                os.mkdir(d)
+            for name, value in settings:
+                paths = [os.path.join(d, name) for d in self.dirs if os.path.exists(os.path.join(d, name))]
+                # swap files exist only with swap accounting; cpu is optional in v1
+                optional = name.startswith(("memory.swap", "memory.memsw")) or (
+                    name.startswith("cpu.") and "cpu" not in cg.controllers)
+                if not paths and not optional:
+                    raise OSError(f"no {name} in {self.dirs}")
+                for path in paths:
+                    with open(path, "w") as f:
+                        f.write(str(value))
+        except OSError as e:
+            self.remove()
+            raise SandboxError(f"could not set up the sandbox's cgroup: {e}") from None
+        self._freeze_file, self._freeze_values = None, None
+        if cg.freezer:
+            for d in self.dirs:
+                if cg.version == 2:
+                    self._freeze_file, self._freeze_values = os.path.join(d, "cgroup.freeze"), ("1", "0")
+                elif os.path.exists(os.path.join(d, "freezer.state")):
+                    self._freeze_file, self._freeze_values = os.path.join(d, "freezer.state"), ("FROZEN", "THAWED")
+
+    @property
+    def can_freeze(self) -> bool:
+        return self._freeze_file is not None
+
+    def set_frozen(self, frozen: bool) -> None:
+        with open(self._freeze_file, "w") as f:
+            f.write(self._freeze_values[0 if frozen else 1])
+
+    def pids(self) -> set[int]:
+        out = set()
+        for d in self.dirs:
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    out.update(int(p) for p in f.read().split())
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel killed for this group's memory limit."""
+        for d in self.dirs:
+            for name in ("memory.events", "memory.oom_control"):  # v2, v1
+                try:
+                    with open(os.path.join(d, name)) as f:
+                        for line in f:
+                            if line.startswith("oom_kill "):
+                                return int(line.split()[1])
+                except (OSError, ValueError):
+                    pass
+        return 0
+
+    def remove(self) -> None:
+        """rmdir once the processes are gone (their exit is asynchronous; retry for a while)."""
+        for d in self.dirs:
+            for _ in range(200):
+                if _rmdir_quiet(d) or not os.path.exists(d):
+                    break
+                time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- one worker process
@@ -276,22 +529,35 @@ class _Worker:
     def __init__(self, limits: SandboxLimits, isolation: Isolation, warm: bool):
         self.limits, self.isolation, self.warm = limits, isolation, warm
         self.pidfd: int | None = None
+        self.host_pid: int | None = None
         self.dead = False
+        self.paused = False
+        self.oom_killed = False
+        cgroups = detect_cgroups()
+        self.cgroup = _SandboxCgroup(cgroups, limits) if isinstance(cgroups, Cgroups) else None
         self.workdir = None if isolation.mount_ns else tempfile.mkdtemp(prefix="deepeyesv2-sandbox-")
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
-        argv = isolation.launcher() + [sys.executable, "-I", WORKER_SCRIPT, str(req_r), str(resp_w)]
+        # The lifeline: the launcher kills the sandbox when this write end closes -- when the
+        # trainer dies, however it dies. Never written to; not inherited by any other child.
+        life_r, self.fd_life = os.pipe()
+        argv = [*isolation.launcher(),
+                *(["--uid-base", str(limits.uid_base)] if isolation.drop_uid else []),
+                *[a for d in (self.cgroup.dirs if self.cgroup else []) for a in ("--cgroup", d)],
+                str(life_r), str(req_r), str(resp_w)]
         try:
             self.popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                pass_fds=(req_r, resp_w), env=_minimal_env(), start_new_session=True,
+                pass_fds=(life_r, req_r, resp_w), env=_minimal_env(), start_new_session=True,
                 cwd=self.workdir or "/")
         except OSError as e:
-            for fd in (req_r, req_w, resp_r, resp_w):
+            for fd in (req_r, req_w, resp_r, resp_w, life_r, self.fd_life):
                 os.close(fd)
+            if self.cgroup:
+                self.cgroup.remove()
             raise SandboxError(f"could not start the sandbox worker: {e}") from None
-        os.close(req_r)
-        os.close(resp_w)
+        for fd in (life_r, req_r, resp_w):
+            os.close(fd)
         self.fd_req, self.fd_resp = req_w, resp_r
         self.uid = limits.uid_base + self.popen.pid if isolation.drop_uid else os.getuid()
         self.seq = 0
@@ -305,7 +571,8 @@ class _Worker:
         deadline = time.monotonic() + self.limits.startup_timeout_s
         iso = self.isolation
         cfg = {"uid": self.uid, "gid": self.uid, "drop_uid": iso.drop_uid, "pid_ns": iso.pid_ns,
-               "mount_ns": iso.mount_ns, "workdir": self.workdir,
+               "mount_ns": iso.mount_ns, "ipc_ns": iso.ipc_ns, "workdir": self.workdir,
+               "cgroups": self.cgroup.dirs if self.cgroup else [],
                **{k: v for k, v in asdict(self.limits).items()}}
         try:
             _write_frame(self.fd_req, cfg, deadline)
@@ -319,11 +586,12 @@ class _Worker:
             raise SandboxError(f"sandbox worker sent a ready frame without a pid: {msg!r}"[:2000])
         # The worker is alive and blocked on its next read, so the pid cannot have been reused:
         # check its parentage, then hold a pidfd so later kills can never hit another process.
-        expected_parent = self.popen.pid if iso.pid_ns and iso.launcher() else os.getpid()
-        if host_pid != self.popen.pid and _parent_pid(host_pid) != expected_parent:
+        if _parent_pid(host_pid) != self.popen.pid:
             raise SandboxError(f"sandbox worker reported pid {host_pid}, which is not our child")
         self.host_pid = host_pid
         self.pidfd = os.pidfd_open(host_pid)
+        if self.cgroup and host_pid not in self.cgroup.pids():
+            raise SandboxError(f"sandbox worker {host_pid} is not in its cgroup {self.cgroup.dirs}")
         self.report = msg.get("report", {})
 
     def _stderr_tail(self) -> str:
@@ -339,15 +607,76 @@ class _Worker:
         if self.dead:
             raise WorkerDied("the worker is already dead")
         self.seq += 1
+        self.set_paused(False)
         deadline = time.monotonic() + timeout
         _write_frame(self.fd_req, {**msg, "seq": self.seq}, deadline)
         resp = _read_frame(self.fd_resp, deadline, self.limits.max_reply_mb << 20)
         if resp.get("seq") != self.seq:
             raise ProtocolError("a reply that does not match the request")
+        # Between calls nothing of the sandbox runs: threads or children the code left
+        # spinning would otherwise take CPU from the trainer until the episode ends.
+        self.set_paused(True)
         return resp
+
+    def set_paused(self, paused: bool) -> None:
+        """Freeze (cgroup freezer) or stop (SIGSTOP) every process of the sandbox, or resume it."""
+        if paused == self.paused or self.dead:
+            return
+        self.paused = paused
+        if self.cgroup is not None and self.cgroup.can_freeze:
+            try:
+                self.cgroup.set_frozen(paused)
+                return
+            except OSError:
+                pass  # fall back to signals
+        sig = signal.SIGSTOP if paused else signal.SIGCONT
+        done: set[int] = set()
+        for _ in range(self.limits.max_processes + 1):
+            # Repeat until a scan finds nothing new: a process may fork between a scan and its stop.
+            new = [p for p in self._processes() if p not in done]
+            if not new:
+                break
+            for pid in new:
+                done.add(pid)
+                self._signal_own(pid, sig)
+            if not paused:
+                break  # resumed processes may fork at will
+
+    def _processes(self) -> list[int]:
+        """Host pids of this sandbox's processes (the worker first)."""
+        if self.cgroup is not None:
+            return [self.host_pid, *sorted(self.cgroup.pids() - {self.host_pid})]
+        if self.isolation.drop_uid:
+            return [self.host_pid, *[p for p in _uid_processes(self.uid) if p != self.host_pid]]
+        return [self.host_pid]  # same uid as the trainer: only the worker is surely ours
+
+    def _signal_own(self, pid: int, sig: int) -> None:
+        """Signal ``pid`` only if it still belongs to this sandbox once pinned by a pidfd (a pid
+        can be reused between a scan and a signal)."""
+        if self.pidfd is not None and pid == self.host_pid:
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except OSError:
+                pass
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            mine = (pid in self.cgroup.pids() if self.cgroup is not None
+                    else os.stat(f"/proc/{pid}").st_uid == self.uid)
+            if mine:
+                signal.pidfd_send_signal(fd, sig)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def exit_description(self) -> str:
         """How the worker ended, for error messages (call after kill())."""
+        if self.oom_killed:
+            return f"was killed for exceeding the sandbox's memory limit ({self.limits.memory_mb} MB)"
         code = self.popen.returncode
         if code is None:
             return "was stopped"
@@ -364,6 +693,11 @@ class _Worker:
         """Kill the worker and everything it started; idempotent, never raises."""
         if self.dead:
             return
+        if self.cgroup is not None and self.cgroup.can_freeze:
+            try:
+                self.cgroup.set_frozen(False)  # a task frozen by the v1 freezer ignores SIGKILL
+            except OSError:
+                pass
         self.dead = True
         if self.pidfd is not None:
             try:
@@ -371,9 +705,11 @@ class _Worker:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             except (ProcessLookupError, OSError):
                 pass
+        os.close(self.fd_life)  # the launcher kills the worker too (if the pidfd never existed)
+        self.fd_life = None
         try:
             # The launcher reaps the worker and exits on its own (no zombie left behind) ...
-            self.popen.wait(timeout=5 if self.pidfd is not None else 0)
+            self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             try:
                 # ... else kill it: it leads its own session and, unreaped, its pgid is still ours.
@@ -384,19 +720,11 @@ class _Worker:
                 self.popen.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-        if not (self.isolation.pid_ns and self.isolation.launcher()) and self.isolation.drop_uid:
-            # No pid namespace: stragglers keep this worker's unique uid; only they carry it.
-            # Repeat: one may have forked between our scan and our kill.
-            for _ in range(50):
-                pids = _uid_processes(self.uid)
-                if not pids:
-                    break
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-                time.sleep(0.01)
+        if not self.isolation.pid_ns:
+            self._kill_leftovers()
+        if self.cgroup is not None:
+            self.oom_killed = self.cgroup.oom_kills() > 0
+            self.cgroup.remove()
         for fd in (self.fd_req, self.fd_resp, self.pidfd):
             if fd is not None:
                 try:
@@ -407,6 +735,20 @@ class _Worker:
             self.popen.stderr.close()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _kill_leftovers(self) -> None:
+        """No pid namespace to tear down: the worker's children outlive it. They are what is left
+        in its cgroup, or (uid drop) what carries its unique uid. Repeat: one may fork between a
+        scan and a kill."""
+        if self.cgroup is None and not self.isolation.drop_uid:
+            return
+        for _ in range(50):
+            pids = self.cgroup.pids() if self.cgroup is not None else set(_uid_processes(self.uid))
+            if not pids:
+                return
+            for pid in pids:
+                self._signal_own(pid, signal.SIGKILL)
+            time.sleep(0.01)
 
 
 def _parent_pid(pid: int) -> int | None:
@@ -649,6 +991,12 @@ class Session:
         return None if worker is None else worker.uid
 
     @property
+    def worker_cgroups(self) -> list[str]:
+        """The current worker's cgroup directories (empty without cgroups or a worker)."""
+        worker = self._state.get("worker")
+        return [] if worker is None or worker.cgroup is None else list(worker.cgroup.dirs)
+
+    @property
     def worker_was_warm(self) -> bool | None:
         worker = self._state.get("worker")
         return None if worker is None else worker.warm
@@ -734,9 +1082,11 @@ def isolation_report(limits: SandboxLimits | None = None) -> dict:
     Starts one throw-away worker (about a second); never raises.
     """
     isolation = detect_isolation()
-    out: dict = {"launcher": " ".join(isolation.launcher()) or None, "missing": isolation.missing(),
+    cgroups = detect_cgroups()
+    out: dict = {"launcher": " ".join(isolation.launcher()), "missing": isolation.missing(),
                  "mount_namespace": isolation.mount_ns, "ipc_namespace": isolation.ipc_ns,
-                 "uts_namespace": isolation.uts_ns}
+                 "uts_namespace": isolation.uts_ns,
+                 "cgroups": cgroups.describe() if isinstance(cgroups, Cgroups) else f"no: {cgroups}"}
     try:
         worker = _Worker(limits or SandboxLimits(), isolation, warm=False)
     except SandboxError as e:
