@@ -179,15 +179,17 @@ def _checkpoint_bytes(ckpt: Path) -> int:
         return sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    """ENOSPC / EDQUOT anywhere in the exception chain. torch.save reports a failed write as a RuntimeError
-    ("PytorchStreamWriter failed writing file ...: file write failed") and safetensors as its own error
-    ("StorageFull"), so their messages count too."""
+def _disk_full(e: BaseException, free: int, need: int) -> bool:
+    """Whether a failed save ran out of space: ENOSPC / EDQUOT anywhere in the exception chain, or -- because
+    torch.save reports a failed write as a RuntimeError ("PytorchStreamWriter failed writing file ...: file
+    write failed") and safetensors as its own error ("StorageFull") -- such a message while less space is
+    free than the checkpoint needs."""
     seen: BaseException | None = e
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if any(m in str(seen) for m in ("No space left", "StorageFull", "file write failed", "Disk quota")):
+        if free < need and any(m in str(seen) for m in ("No space left", "StorageFull", "file write failed",
+                                                         "Disk quota")):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -255,7 +257,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and _is_disk_full(e):
+        if isinstance(e, Exception):
             free = shutil.disk_usage(root).free
             if previous is not None:  # the last save wrote the same files: the best estimate
                 need = _checkpoint_bytes(previous)
@@ -263,11 +265,12 @@ def save_checkpoint(
                 need = _tensor_bytes(optimizer.state_dict()) if optimizer is not None else 0
                 if isinstance(model, torch.nn.Module):
                     need += _tensor_bytes(model.state_dict())
-            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-            raise CheckpointError(
-                f"disk full while saving checkpoint {final}: {_gib(free)} free on {root}, the checkpoint needs about "
-                f"{_gib(need)}; {kept} (free space, or set train.out_dir elsewhere, then resume with --train.resume "
-                f"true)") from None
+            if _disk_full(e, free, need):
+                kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+                raise CheckpointError(
+                    f"disk full while saving checkpoint {final}: {_gib(free)} free on {root}, the checkpoint needs "
+                    f"about {_gib(need)}; {kept} (free space, or set train.out_dir elsewhere, then resume with "
+                    f"--train.resume true)") from None
         raise
     _write_latest(root, final.name)
     if keep_last:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import random
+import shutil
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -222,6 +224,9 @@ def test_interrupted_save_temp_dirs_are_removed_at_the_next_save(tmp_path, tiny,
     assert "removed 1 temporary directory" in err and ".tmp_step_000002_k3j1" in err, err
 
 
+DiskUsage = namedtuple("DiskUsage", "total used free")
+
+
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -248,6 +253,8 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, tiny,
             m.setattr(type(model), "save_pretrained", failure)
         else:
             m.setattr(torch, "save", failure)
+        # a nearly full disk: 5 MiB left (torch's message alone says only "file write failed")
+        m.setattr(shutil, "disk_usage", lambda path: DiskUsage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
         with pytest.raises(CheckpointError) as err:
             save_checkpoint(tmp_path, 2, model, proc, opt, sched, DataState(position=2), {})
         with pytest.raises(CheckpointError):  # re-saving an existing step: the old copy survives too
@@ -255,7 +262,7 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, tiny,
     msg = str(err.value)
     assert "\n" not in msg, msg
     assert f"disk full while saving checkpoint {root / 'step_000002'}" in msg, msg
-    assert " free on " in msg and "needs about" in msg and f"previous checkpoint {root / 'step_000001'} is intact" in msg
+    assert "5.0 MiB free on " in msg and "needs about" in msg and f"previous checkpoint {root / 'step_000001'} is intact" in msg
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001"], "partial save left behind"
     assert verify_checkpoint(root / "step_000001") is None
     model2, _ = build_model(ModelConfig(seed=1), processor=proc)
@@ -301,3 +308,13 @@ def test_resume_with_more_steps_keeps_the_lr_continuous(tiny, stop):
     if stop >= 3:
         assert all(b <= a + 1e-15 for a, b in zip(after, after[1:])), "LR rises again after the resume"
     assert extend_schedule(sched2, 300) is None  # same horizon: nothing to say
+
+
+def test_other_write_errors_are_not_reported_as_disk_full(tmp_path, tiny, monkeypatch):
+    model, proc = tiny
+    opt, sched = build_optimizer(model, OptimConfig(), total_steps=10)
+    save_checkpoint(tmp_path, 1, model, None, opt, sched, DataState(), {})
+    monkeypatch.setattr(torch, "save", _torch_write_failed)  # plenty of space free: some other I/O failure
+    with pytest.raises(RuntimeError, match="file write failed"):
+        save_checkpoint(tmp_path, 2, model, None, opt, sched, DataState(), {})
+    assert not (tmp_path / "checkpoints" / "step_000002").exists()
