@@ -390,7 +390,9 @@ def prepare_run_dir(out_dir: str | Path, resume: bool, overwrite: bool, main: bo
     if resume:
         ckpt = resume_checkpoint(out, quiet)
         if ckpt is None:
-            quiet(f"train.resume: no checkpoint in {checkpoints_dir(out)}, starting fresh")
+            dropped = run_leftovers(out)  # at most metrics rows here: any step directory would have been verified
+            quiet(f"train.resume: no checkpoint in {checkpoints_dir(out)}, starting fresh"
+                  + (f" (dropping {dropped[0]} from an earlier attempt)" if dropped else ""))
         return ckpt
     leftovers = run_leftovers(out)
     if leftovers and not overwrite:
