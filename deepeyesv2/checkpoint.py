@@ -130,6 +130,9 @@ def verify_checkpoint(ckpt: str | Path) -> str | None:
         files = manifest["files"]
         if manifest.get("hash") != HASH_NAME or not isinstance(files, dict):
             raise ValueError(f"unknown layout (hash {manifest.get('hash')!r})")
+        if not all(isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get(HASH_NAME), str)
+                   for r in files.values()):
+            raise ValueError("an entry lacks its size or checksum")
     except FileNotFoundError:
         return f"no {MANIFEST_FILE}"
     except (ValueError, KeyError, TypeError) as e:

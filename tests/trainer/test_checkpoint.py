@@ -318,3 +318,20 @@ def test_other_write_errors_are_not_reported_as_disk_full(tmp_path, tiny, monkey
     with pytest.raises(RuntimeError, match="file write failed"):
         save_checkpoint(tmp_path, 2, model, None, opt, sched, DataState(), {})
     assert not (tmp_path / "checkpoints" / "step_000002").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.replace('"bytes"', '"bytez"', 1),  # still JSON, an entry without its size
+    lambda m: m[: len(m) // 2],  # not JSON any more
+    lambda m: m.replace('"xxh3_128": "', '"xxh3_128": "0', 1),  # a wrong checksum
+])
+def test_damaged_manifest_fails_verification_without_a_traceback(tmp_path, tiny, edit):
+    from deepeyesv2.checkpoint import verify_checkpoint
+
+    model, proc = tiny
+    opt, sched = build_optimizer(model, OptimConfig(), total_steps=10)
+    path = save_checkpoint(tmp_path, 1, model, None, opt, sched, DataState(), {})
+    (path / "manifest.json").write_text(edit((path / "manifest.json").read_text()))
+    assert verify_checkpoint(path) is not None
+    with pytest.raises(CheckpointError, match="no checkpoint in .* verifies: step_000001 fails verification"):
+        load_checkpoint(tmp_path, restore_rng=False)
