@@ -152,6 +152,12 @@ def setup_mounts(cfg: dict) -> list:
              None if os.path.islink(d) else os.open(d, os.O_PATH | os.O_DIRECTORY)) for d in dirs]
     new = WORKDIR  # any existing directory: covering it is invisible outside this namespace
     mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
+    # The private /tmp first: an interpreter that lives under /tmp (a venv in a CI clone) is bound
+    # read-only inside it below.
+    os.makedirs(new + WORKDIR, mode=0o755)
+    tmp_opts = (f"size={cfg['tmpfs_mb']}m,nr_inodes={cfg['tmpfs_inodes']},mode=0700,"
+                f"uid={cfg['uid']},gid={cfg['gid']}")
+    mount("tmpfs", new + WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
     for d, link, fd in held:
         target = new + d
         if link is not None:  # /bin -> usr/bin on merged-usr systems
@@ -162,10 +168,6 @@ def setup_mounts(cfg: dict) -> list:
         mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
         mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
-    os.makedirs(new + WORKDIR, mode=0o755)
-    tmp_opts = (f"size={cfg['tmpfs_mb']}m,nr_inodes={cfg['tmpfs_inodes']},mode=0700,"
-                f"uid={cfg['uid']},gid={cfg['gid']}")
-    mount("tmpfs", new + WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
     os.makedirs(new + "/proc", mode=0o555)
     # A fresh procfs: with a pid namespace it shows only the sandbox's processes.
     mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -675,8 +677,6 @@ def kernel_main(args: dict) -> None:
         if flags and _libc.unshare(flags) != 0:
             raise OSError(ctypes.get_errno(), f"unshare({','.join(args['ns'])})")
         host_pid = int(os.readlink("/proc/self"))  # host procfs still mounted: this is the host pid
-        if cfg["ipc_ns"]:
-            limit_sysv_shm(cfg)
         if cfg["mount_ns"]:
             notes += setup_mounts(cfg)
             workdir = WORKDIR
@@ -685,6 +685,16 @@ def kernel_main(args: dict) -> None:
             if cfg["drop_uid"]:
                 os.chown(workdir, cfg["uid"], cfg["gid"])
                 os.chmod(workdir, 0o700)
+        if cfg["ipc_ns"]:
+            try:  # after the new /proc is mounted: a container may mount the host's /proc/sys read-only
+                limit_sysv_shm(cfg)
+            except OSError as e:
+                notes.append(f"SysV shared memory not limited: {e}")
+        # First in line for the kernel's OOM killer, before the trainer: shared memory and page
+        # cache the sandbox holds do not show in its processes' sizes. Inherited; it cannot be
+        # lowered again without privileges.
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
         os.environ.clear()
         os.environ.update({"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/local/bin:/usr/bin:/bin",
                            "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "OPENBLAS_NUM_THREADS": "1",

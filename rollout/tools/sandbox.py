@@ -14,22 +14,36 @@ a notebook-like kernel with a persistent namespace and the episode's input image
 open, ``display(img)``, ``img.show()`` or a PIL image as the value of the last expression -- at
 most ``max_images`` per call.
 
-Isolation, strongest available (``detect_isolation``; a ``warnings.warn`` names what is missing):
-- new pid, network, mount, ipc and uts namespaces via the ``unshare`` binary: the worker is pid 1
-  of its namespace (the trainer is invisible, ``kill(-1)`` reaches only the sandbox, killing the
-  worker tears down every process it started), and it has no network (not even to the
-  trainer's 127.0.0.1);
-- a private size-limited tmpfs on /tmp as the working directory (HOME, TMPDIR); other
-  world-writable dirs covered read-only; /root (mode 700, holding the interpreter) replaced by an
-  empty tmpfs with only the interpreter prefix bound back read-only;
+Isolation, strongest available (``detect_isolation`` / ``detect_cgroups``; a ``warnings.warn``
+names what is missing):
+- a launcher process (``_sandbox_worker.py``) forks the worker into new pid, network, mount, ipc
+  and uts namespaces: the worker is pid 1 of its namespace (the trainer is invisible,
+  ``kill(-1)`` reaches only the sandbox, killing the worker tears down every process it
+  started, and it reaps the zombies code leaves after each call), and it has no network (not
+  even to the trainer's 127.0.0.1). The launcher holds a lifeline pipe whose other end only the
+  trainer holds: when the trainer dies, even by SIGKILL, the sandbox dies with it;
+- a new root filesystem with only what code needs: the system directories and the interpreter's
+  prefixes and site-packages, read-only; a fresh /proc and a minimal /dev; a private size- and
+  inode-limited tmpfs on /tmp as the working directory (HOME, TMPDIR). The trainer's checkout,
+  data, checkpoints and home directories are not in it;
+- its own cgroup (v2, or v1 hierarchies where v2 lacks the controllers): ``memory.max`` for the
+  whole sandbox (shared memory, memfd and tmpfs pages included), ``pids.max``, ``cpu.max``; the
+  cgroup is frozen between calls (without a freezer, every process of the sandbox gets SIGSTOP),
+  so nothing the code left running takes CPU while the policy generates;
+- SysV shared memory limited in its ipc namespace; oom_score_adj 1000 (the kernel's OOM killer
+  takes a sandbox before the trainer);
 - a unique unprivileged uid/gid per worker (``uid_base + pid``, no supplementary groups, no
   new privileges), so RLIMIT_NPROC -- which counts per uid -- bounds each sandbox on its own
-  and sandboxes cannot signal or read each other;
+  and sandboxes cannot signal or read each other; a seccomp filter (no new namespaces, no
+  ptrace, mount, bpf, ...);
 - RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE; a minimal environment (no
   trainer env var reaches the worker).
 A call that exceeds ``timeout_s`` kills the worker's whole namespace (via a pidfd, immune to pid
 reuse) and the session transparently starts a fresh worker on its next call, saying the state
-was lost. Nothing from the worker is unpickled: frames are JSON.
+was lost. Nothing from the worker is trusted: frames are JSON (never unpickled), capped at
+``max_reply_mb`` before they are read, and every limit the worker applies (output chars, images,
+image size) is applied again here, since the code can rewrite the worker's memory; a reply that
+breaks the protocol is a dead worker, replaced like a crashed one.
 """
 
 from __future__ import annotations
@@ -72,10 +86,10 @@ class SandboxLimits:
 
     timeout_s: float = 30.0          # wall clock per call; over it the worker is killed
     cpu_s: int = 600                 # RLIMIT_CPU, per process over the worker's life
-    memory_mb: int = 2048            # RLIMIT_AS, per process (the pre-imported kernel uses ~250)
+    memory_mb: int = 2048            # RLIMIT_AS per process, and memory.max of the sandbox's cgroup
     file_size_mb: int = 64           # RLIMIT_FSIZE
     tmpfs_mb: int = 256              # size of the private /tmp (working directory)
-    max_processes: int = 64          # RLIMIT_NPROC (processes + threads of the sandbox uid)
+    max_processes: int = 64          # RLIMIT_NPROC and pids.max (processes + threads of the sandbox)
     max_open_files: int = 256        # RLIMIT_NOFILE
     max_output_chars: int = 8000
     max_images: int = 10

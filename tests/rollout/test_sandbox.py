@@ -193,6 +193,7 @@ def test_isolation_report_values():
                               "RLIMIT_FSIZE": limits.file_size_mb << 20, "RLIMIT_NPROC": 40,
                               "RLIMIT_NOFILE": limits.max_open_files}
     assert rep["missing"] == []
+    assert rep["cgroups"].startswith(("v1 (memory, pids", "v2 (memory, pids", "no: "))
 
 
 def test_weaker_isolation_warns_by_name_and_still_runs(monkeypatch):

@@ -107,8 +107,7 @@ def test_children_the_code_still_waits_for_are_not_reaped(session):
     assert r.text == format_code_result("3 5\n", "")
 
 
-@needs_isolation
-def test_sandbox_processes_are_stopped_between_calls(session):
+def check_stopped_between_calls(session: Session) -> None:
     r = session.run_code(
         "import os, threading\nspins = [0]\n"
         "def spin():\n    while True:\n        spins[0] += 1\n"
@@ -124,6 +123,26 @@ def test_sandbox_processes_are_stopped_between_calls(session):
     assert cpu_seconds(pids) - before < 0.1
     r = session.run_code("import time\na = spins[0]\ntime.sleep(0.2)\nprint(spins[0] > a)")
     assert r.text == format_code_result("True\n", "")  # continued on the next call
+
+
+@needs_isolation
+def test_sandbox_processes_are_stopped_between_calls(session):
+    check_stopped_between_calls(session)  # frozen by the cgroup freezer where there is one
+
+
+@needs_isolation
+def test_without_cgroups_one_warning_and_processes_are_still_stopped(monkeypatch):
+    import deepeyesv2_rollout.tools.sandbox as sandbox_module
+
+    monkeypatch.setattr(sandbox_module, "detect_cgroups", lambda: "disabled by this test")
+    monkeypatch.setattr(sandbox_module, "_CGROUP_WARNED", [])
+    with pytest.warns(RuntimeWarning, match=r"without whole-sandbox cgroup limits \(disabled by "
+                                             r"this test\): memory, processes and CPU are bounded"):
+        session = Session([], limits=LIMITS)
+        session.run_code("1")
+    with session:
+        assert session.worker_cgroups == []
+        check_stopped_between_calls(session)  # SIGSTOP / SIGCONT instead
 
 
 @needs_isolation
@@ -169,6 +188,14 @@ def test_sysv_shared_memory_is_bounded_by_the_ipc_namespace(session):
         "small = libc.shmget(0, ctypes.c_size_t(1 << 20), 0o1600)\nprint(big, err, small >= 0)")
     assert r.text == format_code_result("-1 22 True\n", ""), r.text  # EINVAL over shmmax
     recovers(session)
+
+
+@needs_isolation
+def test_sandbox_is_first_for_the_oom_killer_and_cannot_change_that(session):
+    r = session.run_code("print(open('/proc/self/oom_score_adj').read().strip())\n"
+                         "open('/proc/self/oom_score_adj', 'w').write('0')")
+    assert r.text.startswith(format_code_result("1000\n", "")[:-1]), r.text
+    assert r.error == "PermissionError: [Errno 13] Permission denied: '/proc/self/oom_score_adj'"
 
 
 @needs_isolation
