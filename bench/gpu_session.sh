@@ -9,7 +9,8 @@
 # transformers, peft, accelerate, safetensors, tokenizers, xxhash, matplotlib; see /work/.library/device/KINDS.md).
 # On the device everything goes to /tmp/site (no network there), the repo is installed without dependencies, and
 # each step's output is written under $OUT (or ./gpu_out when $OUT is unset):
-#   1. versions and the GPU
+#   1. versions and the GPU, then the compile audit (python -m deepeyesv2_kernels.audit --quick: spills, shared
+#      memory, tensor cores, pipelining of every kernel for sm_80/sm_90, the same table a CPU machine prints)
 #   2. the kernel tests with native Triton (tests/conftest.py turns the interpreter on only without CUDA)
 #   3. the precision, engine and RL-step tests on the GPU
 #   4. python -m bench.kernels: the GPU table (ours vs torch eager, torch.compile, Liger, cut-cross-entropy)
@@ -54,6 +55,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time box, keep the log, pri
 }
 
 step versions 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -m deepeyesv2 info'
+step compile_audit 120 env -u TRITON_INTERPRET python3 -m deepeyesv2_kernels.audit --quick --json "$OUT/audit.json"
 step kernel_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels
 step gpu_trainer_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/trainer/test_precision.py \
   tests/rollout/test_engine.py tests/trainer/test_rl_step.py

@@ -46,6 +46,8 @@ def info(forward: bool = True) -> dict:
         ok, why = backend_available(b)
         rows[f"attention.{b}"] = ("yes: " if ok else "no: ") + why
     rows["kernels"] = "triton (CUDA)" if torch.cuda.is_available() else "chunked torch (CPU); triton via TRITON_INTERPRET=1 in tests"
+    rows["kernels.audit"] = ("python -m deepeyesv2_kernels.audit: compiles every Triton kernel for sm_80/sm_90 "
+                             "(no GPU needed) and reports registers, spills, shared memory, tensor cores, pipelining")
     rows["rollout.embedded"] = "yes: HF model with radix prefix-KV cache"
     try:
         import sglang  # noqa: F401

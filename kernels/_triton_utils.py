@@ -8,8 +8,11 @@ slower than the torch path.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -32,6 +35,58 @@ def jit(fn, interpret: bool):
     return triton.jit(fn)
 
 
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch as the launch code issued it: `kernel[grid](*args, **kwargs)`."""
+
+    kernel: Any  # triton JITFunction, or an Autotuner wrapping one
+    grid: tuple | Callable
+    args: tuple
+    kwargs: dict
+
+
+# Set only inside `capture_launches()`: the launches recorded instead of run, and the SM version to pick tiles for.
+_captured: list[Launch] | None = None
+_capture_arch: int | None = None
+
+
+@contextlib.contextmanager
+def capture_launches(arch: int = 90) -> Iterator[list[Launch]]:
+    """Record every kernel launch instead of running it, with the tile configs the launch code picks on an sm_<arch>.
+
+    The compile audit (`audit.py`) calls the public ops on small CPU tensors inside this context and compiles
+    what was recorded for real GPU targets: the signatures, constexprs and configs are exactly those the launch
+    code passes, not a hand-written copy that could drift. Outputs of captured launches are left unwritten.
+    """
+    global _captured, _capture_arch
+    if _captured is not None:
+        raise RuntimeError("capture_launches() does not nest")
+    _captured, _capture_arch = [], arch
+    try:
+        yield _captured
+    finally:
+        _captured, _capture_arch = None, None
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)`, or its record while `capture_launches()` is active."""
+    if _captured is not None:
+        _captured.append(Launch(kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+def gpu_arch(device: torch.device) -> int | None:
+    """SM version (80, 90, ...) whose tile configs the launch code should pick: the CUDA device's, the one being
+    captured for the compile audit, or None under the interpreter and on the CPU (few large tiles run fastest)."""
+    if _capture_arch is not None:
+        return _capture_arch
+    if device.type == "cuda" and not interpreting():
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return None
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     """ValueError naming the first tensor that is not on the first one's device (None entries are skipped):
     a Triton launch with one host tensor would fail deep inside with a pointer error, the torch path with a
@@ -50,11 +105,13 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
+    on_cuda = all(t.is_cuda for t in tensors) or _captured is not None
     if backend == "triton":
         if triton is None:
             raise ValueError("backend='triton' but triton is not installed")
         if not (on_cuda or interpreting()):
-            raise ValueError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
+            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
         return True
+    # 'auto' never picks the CPU interpreter (tests ask for it with backend='triton'): it is orders of
+    # magnitude slower than the torch path.
     return triton is not None and on_cuda

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import check_same_device, interpreting, jit, use_triton
+from ._triton_utils import check_same_device, interpreting, jit, launch, use_triton
 from .advantages_ref import NORMS
 
 try:  # triton is optional: the torch path works without it
@@ -96,7 +96,8 @@ def _group_advantages_triton(rewards, group_ids, cu_seqlens, loss_mask, seq_ids,
         return seq_adv, None if token_adv is None else token_adv.zero_()
     has_tokens = cu_seqlens is not None and S > 0
     kernel = jit(_group_advantages_fwd_kernel, interpreting())
-    kernel[(max(N, S),)](
+    launch(
+        kernel, (max(N, S),),
         rewards.contiguous(), group_ids.contiguous(),
         cu_seqlens if has_tokens else group_ids, seq_ids if has_tokens else group_ids,
         loss_mask.contiguous().view(torch.uint8) if loss_mask is not None else group_ids,

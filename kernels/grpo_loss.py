@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import check_same_device, interpreting, jit, use_triton
+from ._triton_utils import check_same_device, interpreting, jit, launch, use_triton
 from .grpo_loss_ref import KL_ESTIMATORS, LOSS_AGGS, grpo_token_terms_ref
 
 try:  # triton is optional: the torch path works without it
@@ -184,7 +184,8 @@ class GRPOLossFunction(torch.autograd.Function):
         dlogp = torch.empty(T, dtype=torch.float32, device=logprobs.device)
         stats = torch.zeros(S, _N_STATS, dtype=torch.float32, device=logprobs.device)
         if S > 0:
-            fwd[(S,)](
+            launch(
+                fwd, (S,),
                 logprobs, old_logprobs, advantages, mask_u8,
                 ref_logprobs if has_kl else logprobs, entropy if has_ent else logprobs, cu_seqlens,
                 dlogp, stats,
@@ -211,7 +212,8 @@ class GRPOLossFunction(torch.autograd.Function):
         grad_logp = torch.zeros(dlogp.shape, dtype=ctx.logp_dtype, device=dlogp.device)
         grad_ent = torch.zeros(dlogp.shape, dtype=ctx.ent_dtype, device=dlogp.device) if ent_grad else None
         if S > 0:
-            bwd[(S,)](
+            launch(
+                bwd, (S,),
                 dlogp, mask_u8, cu_seqlens, weights, grad_loss.float().contiguous(),
                 grad_logp, grad_ent if ent_grad else grad_logp, ctx.entropy_coef,
                 HAS_ENT_GRAD=ent_grad, BLOCK=1024,

@@ -26,10 +26,10 @@ from .grpo_loss_ref import KL_ESTIMATORS, LOSS_AGGS, grpo_token_terms_ref
 from .logprobs import (
     apply_dlogits_chunk,
     fused_loss_chunk_tokens,
-    resolve_backend,
     triton_dlogits,
     triton_logprob_stats,
 )
+from ._triton_utils import use_triton
 from .logprobs_torch import (
     own_precision,
     tiled_backward,
@@ -224,7 +224,7 @@ def fused_linear_grpo_loss(
     T = hidden.shape[0]
     _validate_grpo_inputs(T, hidden.device, old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs,
                           clip_low, clip_high, dual_clip, kl_estimator, loss_agg, num_tokens)
-    resolved = resolve_backend(backend, hidden.device)
+    resolved = "triton" if use_triton(backend, hidden) else "torch"
     valid = valid_tokens(targets, ignore_index, loss_mask)
     w = token_weights(valid, cu_seqlens, loss_agg, num_tokens)
     cfg = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=float(kl_coef),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ._triton_utils import gpu_arch, launch, use_triton
 from .logprobs_torch import chunked_logprobs, finish_forward, own_precision, upstream_grads, valid_tokens, validate_logprobs_inputs
 
 try:  # Triton is optional: without it every call goes to the chunked torch path.
@@ -43,7 +44,11 @@ def _interpret() -> bool:
     return triton is not None and type(_logprobs_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+# Logit of a column past the vocab end: exp(_MASKED_LOGIT - max) == 0 for any real max, unlike -inf it is finite.
+_MASKED_LOGIT = -3.0e38
+
 if triton is not None:
+    _MASKED_LOGIT = tl.constexpr(_MASKED_LOGIT)
 
     @triton.jit
     def _logits_tile(
@@ -124,14 +129,17 @@ if triton is not None:
                                HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
             if STORE_LOGITS:
                 tl.store(p_logits + o_t64[:, None] * stride_logits + o_v[None, :], b_z, mask=m_t[:, None] & m_v[None, :])
-            # Online log-sum-exp: rescale the running sums whenever the running max grows.
-            b_z = tl.where(m_v[None, :], b_z, float("-inf"))
+            # Online log-sum-exp: rescale the running sums whenever the running max grows. Columns past the vocab
+            # end (last block only) get a finite floor rather than -inf: exp() of it is exactly 0, so they drop out
+            # of every sum bit for bit, and p * z stays 0 without a second masked copy of the tile (0 * -inf = NaN),
+            # which would be 64 more live registers per thread at a 128 x 128 tile.
+            b_z = tl.where(m_v[None, :], b_z, _MASKED_LOGIT)
             b_new_max = tl.maximum(b_max, tl.max(b_z, axis=1))
             b_scale = tl.exp(b_max - b_new_max)
             b_p = tl.exp(b_z - b_new_max[:, None])
             b_sum = b_sum * b_scale + tl.sum(b_p, axis=1)
             if COMPUTE_ENTROPY:
-                b_zexp = b_zexp * b_scale + tl.sum(b_p * tl.where(m_v[None, :], b_z, 0.0), axis=1)
+                b_zexp = b_zexp * b_scale + tl.sum(b_p * b_z, axis=1)
             b_ztgt += tl.sum(tl.where(o_v[None, :] == b_tgt[:, None], b_z, 0.0), axis=1)
             b_max = b_new_max
         o_out = i_s * T + o_t
@@ -207,23 +215,53 @@ if triton is not None:
         )
 
 
+# Tile configs (BLOCK_T, BLOCK_V, BLOCK_H, num_warps, num_stages) per SM family and product class, chosen with the
+# compile audit (`python -m deepeyesv2_kernels.audit`, no GPU needed): at each of them no register spills, and every
+# GEMM kernel keeps at least two K steps of operand tiles in shared memory (a pipelined K loop). sm_80's configs also
+# fit the 99 KB of shared memory of sm_86 / sm_89. Product classes: "16" bf16/fp16 operands; "tf32" fp32 operands on
+# tf32 tensor cores; "ieee" true fp32 products (FMA units: smaller tiles, no tensor cores by definition).
+# The forward's tile is fixed (never autotuned): it fixes the online-softmax summation order, which must not change
+# between calls (on-policy ratio exactly 1).
+_FWD_TILES = {
+    ("sm90", "16"): (128, 128, 64, 8, 4),
+    ("sm90", "tf32"): (128, 128, 32, 8, 4),
+    ("sm90", "ieee"): (64, 64, 32, 8, 3),
+    ("sm80", "16"): (128, 128, 32, 8, 4),
+    ("sm80", "tf32"): (128, 64, 32, 8, 4),
+    ("sm80", "ieee"): (64, 64, 32, 8, 3),
+}
+# Autotune candidates of the recomputing dlogits kernel (M = chunk tokens, N = vocab, K = H): its output never feeds
+# the log-probs, so its tile may vary. Candidates that spill at any flag set are left out (the audit checks).
+_DLOGITS_TILES = {
+    # (128, 256, 64, 8, 3) and (128, 128, 64, 4, 4) were candidates until the audit showed them spilling (168 and
+    # 552 bytes with the entropy gradient).
+    ("sm90", "16"): [(128, 128, 64, 8, 4), (64, 256, 64, 8, 4)],
+    ("sm90", "tf32"): [(128, 128, 32, 8, 4), (64, 256, 32, 8, 3)],
+    ("sm90", "ieee"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3)],
+    ("sm80", "16"): [(128, 128, 32, 8, 4), (64, 256, 32, 8, 3), (128, 64, 64, 8, 4)],
+    ("sm80", "tf32"): [(128, 64, 32, 8, 4), (64, 128, 32, 8, 4)],
+    ("sm80", "ieee"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3)],
+}
+# The fused loss's dlogits pass over stored fp32 logits: elementwise, bandwidth-bound, no GEMM.
+_FROM_LOGITS_TILE = (32, 256, 64, 4, 1)
+# The interpreter runs each tile op in numpy: few, large tiles are fastest.
+_INTERPRETER_TILE = (16, 128, 32, 4, 1)
+
+
+def _tile(cfg: tuple[int, int, int, int, int]) -> dict:
+    bt, bv, bh, w, st = cfg
+    return dict(BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, num_warps=w, num_stages=st)
+
+
 if triton is not None:
-    # Hopper configs for the recompute+epilogue GEMM of the backward (M = chunk tokens, N = vocab, K = H). Only
-    # this kernel is autotuned: its output never feeds the log-probs, whereas the forward's tile shape fixes the
-    # online-softmax summation order, which must not change between calls (on-policy ratio exactly 1).
-    _DLOGITS_CONFIGS = [
-        triton.Config(dict(BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh), num_warps=w, num_stages=st)
-        for bt, bv, bh, w, st in [
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 8, 4),
-            (128, 128, 64, 4, 4),
-            (64, 256, 64, 8, 4),
-            (256, 128, 64, 8, 3),
-        ]
-    ]
-    _logprobs_dlogits_kernel_tuned = triton.autotune(configs=_DLOGITS_CONFIGS, key=["V", "H"])(
-        _logprobs_dlogits_kernel
-    )
+    _DLOGITS_TUNED = {
+        key: triton.autotune(
+            configs=[triton.Config(dict(BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh), num_warps=w, num_stages=st)
+                     for bt, bv, bh, w, st in cfgs],
+            key=["V", "H"],
+        )(_logprobs_dlogits_kernel)
+        for key, cfgs in _DLOGITS_TILES.items()
+    }
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -239,20 +277,20 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return dict(DOT_PRECISION="tf32" if (low or fp32_fast) else "ieee", DOT_UPCAST=False)
 
 
-def _fwd_config(device: torch.device) -> dict:
-    if _interpret() or device.type != "cuda":
-        # The interpreter runs each tile op in numpy: few, large tiles are fastest.
-        return dict(BLOCK_T=16, BLOCK_V=128, BLOCK_H=32, num_warps=4, num_stages=1)
-    # Hopper: 128 x 128 fp32 accumulator tile, 64-wide K steps, 3-4 stage pipeline (wgmma).
-    return dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=4)
+def _tile_key(arch: int, dtype: torch.dtype) -> tuple[str, str]:
+    """(SM family, product class) indexing the tile tables."""
+    if dtype != torch.float32:
+        cls = "16"
+    else:
+        cls = "tf32" if _dot_args(dtype)["DOT_PRECISION"] == "tf32" else "ieee"
+    return ("sm90" if arch >= 90 else "sm80"), cls
 
 
-def _dlogits_config(device: torch.device, from_logits: bool = False) -> dict:
-    if _interpret() or device.type != "cuda":
-        return dict(BLOCK_T=16, BLOCK_V=128, BLOCK_H=32, num_warps=4, num_stages=1)
-    if from_logits:  # pure elementwise pass over the stored logits: bandwidth-bound, small tiles
-        return dict(BLOCK_T=32, BLOCK_V=256, BLOCK_H=64, num_warps=4, num_stages=1)
-    return dict(BLOCK_T=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=3)
+def _fwd_config(device: torch.device, dtype: torch.dtype) -> dict:
+    arch = gpu_arch(device)
+    if arch is None:
+        return _tile(_INTERPRETER_TILE)
+    return _tile(_FWD_TILES[_tile_key(arch, dtype)])
 
 
 def _num_splits(vocab: int, block_v: int, device: torch.device) -> int:
@@ -261,7 +299,7 @@ def _num_splits(vocab: int, block_v: int, device: torch.device) -> int:
     Depends on V only (not on T): the fused loss runs the forward kernel on token chunks and must reproduce
     `fused_logprobs` bit for bit (on-policy ratio exactly 1), which needs the same per-split summation order.
     """
-    if _interpret() or device.type != "cuda":
+    if gpu_arch(device) is None:
         return min(2, triton.cdiv(vocab, block_v))
     # ~8k vocab entries per split: 19 splits at V=152k, i.e. >= 2 waves on 132 SMs from T=2k tokens on.
     return max(1, triton.cdiv(vocab, 8192))
@@ -282,11 +320,12 @@ def triton_logprob_stats(
     """
     T, H = hidden.shape
     V = weight.shape[0]
-    cfg = _fwd_config(hidden.device)
+    cfg = _fwd_config(hidden.device, hidden.dtype)
     splits = _num_splits(V, cfg["BLOCK_V"], hidden.device)
     stats = torch.empty(4, splits, T, dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), splits)
-    _logprobs_fwd_kernel[grid](
+    launch(
+        _logprobs_fwd_kernel, grid,
         hidden, weight, bias if bias is not None else hidden, targets,
         stats[0], stats[1], stats[2], stats[3],
         logits_out if logits_out is not None else stats,
@@ -330,15 +369,18 @@ def triton_dlogits(
     """
     C, H = hidden_c.shape
     V = weight.shape[0]
-    if hidden_c.device.type == "cuda" and logits_c is None and not _interpret():
-        kernel, cfg = _logprobs_dlogits_kernel_tuned, {}
+    arch = gpu_arch(hidden_c.device)
+    if arch is not None and logits_c is None:
+        kernel, cfg = _DLOGITS_TUNED[_tile_key(arch, hidden_c.dtype)], {}
 
         def grid(meta):
             return (triton.cdiv(C, meta["BLOCK_T"]) * triton.cdiv(V, meta["BLOCK_V"]),)
     else:
-        kernel, cfg = _logprobs_dlogits_kernel, _dlogits_config(hidden_c.device, from_logits=logits_c is not None)
+        kernel = _logprobs_dlogits_kernel
+        cfg = _tile(_INTERPRETER_TILE if arch is None else _FROM_LOGITS_TILE)
         grid = (triton.cdiv(C, cfg["BLOCK_T"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
-    kernel[grid](
+    launch(
+        kernel, grid,
         hidden_c, weight, bias if bias is not None else hidden_c, targets_c, lse_c, entropy_c, glogp_c,
         gent_c if gent_c is not None else glogp_c, out, logits_c if logits_c is not None else out,
         C, V, H, hidden_c.stride(0), weight.stride(0), out.stride(0),
@@ -423,27 +465,6 @@ def triton_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_ent, in
     return grad_h, grad_w, grad_b
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'triton' or 'torch' for `backend` in {'auto', 'triton', 'torch'}."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton":
-        if triton is None:
-            raise ValueError("backend='triton' but triton is not installed")
-        if device.type != "cuda" and not _interpret():
-            raise ValueError(
-                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before this module is imported"
-            )
-        return "triton"
-    if backend == "torch":
-        return "torch"
-    if triton is None:
-        return "torch"
-    # 'auto' never picks the CPU interpreter (tests ask for it with backend='triton'): it is orders of
-    # magnitude slower than the chunked torch path.
-    return "triton" if device.type == "cuda" else "torch"
-
-
 def fused_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -471,14 +492,14 @@ def fused_logprobs(
     validate_logprobs_inputs(hidden, weight, targets, temperature, bias, ignore_index, loss_mask)
     if hidden.dtype == torch.float64:
         raise ValueError("hidden must be fp32/bf16/fp16 (fp64 is for the references only)")
-    resolved = resolve_backend(backend, hidden.device)
+    on_triton = use_triton(backend, hidden)
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         # Keep the graph connected so that backward on an empty batch gives zero grads rather than an error.
         if hidden.requires_grad:
             empty = empty + hidden.sum().float() * 0
         return empty, empty.detach().clone()
-    if resolved == "torch":
+    if not on_triton:
         return chunked_logprobs(
             hidden, weight, targets, temperature, bias, ignore_index, compute_entropy, entropy_grad, loss_mask
         )

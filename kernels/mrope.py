@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import check_same_device, interpreting, jit, use_triton
+from ._triton_utils import check_same_device, interpreting, jit, launch, use_triton
 from .mrope_ref import mrope_rows
 
 try:  # triton is optional: the torch path works without it
@@ -77,7 +77,8 @@ def _launch(q, k, q_out, k_out, position_ids, inv_freq, rows, scaling, backward)
     if T == 0:
         return
     kernel = jit(_mrope_fwd_kernel, interpreting())
-    kernel[(T,)](
+    launch(
+        kernel, (T,),
         q, k, q_out, k_out, position_ids, inv_freq, rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), position_ids.stride(0),
