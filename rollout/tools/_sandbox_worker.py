@@ -43,6 +43,7 @@ import signal
 import site
 import struct
 import sys
+import time
 import traceback
 import warnings
 
@@ -570,33 +571,57 @@ def _write(path: str, value: str) -> None:
         pass
 
 
+def _stragglers(args: dict) -> set:
+    pids = set()
+    for d in args["cgroups"]:
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids.update(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            pass
+    if args["uid"] is not None:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.stat(f"/proc/{entry}").st_uid == args["uid"]:
+                        pids.add(int(entry))
+                except OSError:
+                    pass
+    pids.discard(os.getpid())
+    return pids
+
+
+def _is_straggler(args: dict, pid: int) -> bool:
+    if args["uid"] is not None:
+        try:
+            return os.stat(f"/proc/{pid}").st_uid == args["uid"]
+        except OSError:
+            return False
+    return pid in _stragglers(args)
+
+
 def _kill_stragglers(args: dict) -> None:
     """Without a pid namespace, killing the kernel leaves its children: kill what is left in the
-    sandbox's cgroups, and (with a uid drop) every process of the sandbox's unique uid."""
+    sandbox's cgroups, and (with a uid drop) every process of the sandbox's unique uid. Each pid
+    is pinned by a pidfd and checked again before the kill: a pid can be reused between a scan
+    and a signal, and this process is root."""
     for _ in range(50):
-        pids = set()
-        for d in args["cgroups"]:
-            try:
-                with open(os.path.join(d, "cgroup.procs")) as f:
-                    pids.update(int(p) for p in f.read().split())
-            except (OSError, ValueError):
-                pass
-        if args["uid"] is not None:
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        if os.stat(f"/proc/{entry}").st_uid == args["uid"]:
-                            pids.add(int(entry))
-                    except OSError:
-                        pass
-        pids.discard(os.getpid())
+        pids = _stragglers(args)
         if not pids:
             return
         for pid in pids:
             try:
-                os.kill(pid, signal.SIGKILL)
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if _is_straggler(args, pid):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
             except OSError:
                 pass
+            finally:
+                os.close(fd)
+        time.sleep(0.01)
 
 
 def launch(args: dict) -> None:
@@ -693,8 +718,11 @@ def kernel_main(args: dict) -> None:
         # First in line for the kernel's OOM killer, before the trainer: shared memory and page
         # cache the sandbox holds do not show in its processes' sizes. Inherited; it cannot be
         # lowered again without privileges.
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")
+        except OSError as e:
+            notes.append(f"oom_score_adj not raised: {e}")
         os.environ.clear()
         os.environ.update({"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/local/bin:/usr/bin:/bin",
                            "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "OPENBLAS_NUM_THREADS": "1",

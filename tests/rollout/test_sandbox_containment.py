@@ -145,11 +145,23 @@ def test_without_cgroups_one_warning_and_processes_are_still_stopped(monkeypatch
         check_stopped_between_calls(session)  # SIGSTOP / SIGCONT instead
 
 
+WEAKEN = """
+import dataclasses, warnings
+import deepeyesv2_rollout.tools.sandbox as sandbox_module
+weak = dataclasses.replace(sandbox_module.detect_isolation(), pid_ns=False, mount_ns=False,
+                           ipc_ns=False, uts_ns=False)
+sandbox_module.detect_isolation = lambda: weak
+warnings.simplefilter("ignore")
+"""
+
+
 @needs_isolation
-def test_sandbox_dies_with_a_killed_trainer(tmp_path):
-    # A trainer-like parent: a session whose code leaves a child behind, then it hangs.
+@pytest.mark.parametrize("namespaces", ["all", "no pid namespace"])
+def test_sandbox_dies_with_a_killed_trainer(tmp_path, namespaces):
+    # A trainer-like parent: a session whose code leaves a child behind, then it hangs in a call.
+    # Without a pid namespace the launcher kills the leftovers by cgroup / uid.
     script = tmp_path / "trainer.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text((WEAKEN if namespaces != "all" else "") + textwrap.dedent("""
         import sys, time
         from deepeyesv2_rollout.tools import Session, SandboxLimits
         s = Session([], limits=SandboxLimits(timeout_s=600))
