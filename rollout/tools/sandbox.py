@@ -408,7 +408,13 @@ class _SandboxCgroup:
                         ("pids.max", limits.max_processes), ("cpu.cfs_period_us", 100_000),
                         ("cpu.cfs_quota_us", quota)]
         try:
-            for d in self.dirs:
+            for parent, d in zip(cg.parents, self.dirs):
+                if not os.path.isdir(parent):
+                    # Removed under us (another trainer took it for a dead one's): make it again.
+                    os.makedirs(parent, exist_ok=True)
+                    if cg.version == 2:
+                        with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                            f.write(" ".join(f"+{c}" for c in CGROUP_CONTROLLERS))
                 os.mkdir(d)
             for name, value in settings:
                 paths = [os.path.join(d, name) for d in self.dirs if os.path.exists(os.path.join(d, name))]
@@ -922,7 +928,7 @@ def _cap_text(s: str, limit: int) -> str:
 class _RunReply:
     stdout: str
     stderr: str
-    images: list
+    images: list[str]
     error: str | None
 
 
