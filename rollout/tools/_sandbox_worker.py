@@ -571,6 +571,17 @@ def _write(path: str, value: str) -> None:
         pass
 
 
+def _real_uid(pid: int):
+    """The real uid from /proc/PID/status: not the owner of /proc/PID, which a process that
+    makes itself non-dumpable turns into root."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            data = f.read()
+        return int(data[data.index(b"\nUid:") + 5:].split(None, 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
 def _stragglers(args: dict) -> set:
     pids = set()
     for d in args["cgroups"]:
@@ -580,23 +591,15 @@ def _stragglers(args: dict) -> set:
         except (OSError, ValueError):
             pass
     if args["uid"] is not None:
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.stat(f"/proc/{entry}").st_uid == args["uid"]:
-                        pids.add(int(entry))
-                except OSError:
-                    pass
+        pids.update(int(e) for e in os.listdir("/proc")
+                    if e.isdigit() and _real_uid(int(e)) == args["uid"])
     pids.discard(os.getpid())
     return pids
 
 
 def _is_straggler(args: dict, pid: int) -> bool:
     if args["uid"] is not None:
-        try:
-            return os.stat(f"/proc/{pid}").st_uid == args["uid"]
-        except OSError:
-            return False
+        return _real_uid(pid) == args["uid"]
     return pid in _stragglers(args)
 
 

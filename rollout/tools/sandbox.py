@@ -543,6 +543,23 @@ def _uid_processes(uid: int) -> list[int]:
     return pids
 
 
+def _real_uid(pid: int) -> int | None:
+    """The real uid from /proc/PID/status: not the owner of /proc/PID, which a process that
+    makes itself non-dumpable turns into root."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            data = f.read()
+        return int(data[data.index(b"\nUid:") + 5:].split(None, 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
+def _uid_pids(uid: int) -> list[int]:
+    """Processes (zombies included) whose real uid is ``uid``; cheap enough to run around every
+    call where there is no cgroup to freeze."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _real_uid(int(e)) == uid]
+
+
 class _Worker:
     """One started sandbox worker. Not thread-safe: a Session serialises its calls."""
 
@@ -667,7 +684,7 @@ class _Worker:
         if self.cgroup is not None:
             return [self.host_pid, *sorted(self.cgroup.pids() - {self.host_pid})]
         if self.isolation.drop_uid:
-            return [self.host_pid, *[p for p in _uid_processes(self.uid) if p != self.host_pid]]
+            return [self.host_pid, *[p for p in _uid_pids(self.uid) if p != self.host_pid]]
         return [self.host_pid]  # same uid as the trainer: only the worker is surely ours
 
     def _signal_own(self, pid: int, sig: int) -> None:
@@ -685,7 +702,7 @@ class _Worker:
             return
         try:
             mine = (pid in self.cgroup.pids() if self.cgroup is not None
-                    else os.stat(f"/proc/{pid}").st_uid == self.uid)
+                    else _real_uid(pid) == self.uid)
             if mine:
                 signal.pidfd_send_signal(fd, sig)
         except OSError:

@@ -113,10 +113,13 @@ def check_stopped_between_calls(session: Session) -> None:
         "def spin():\n    while True:\n        spins[0] += 1\n"
         "threading.Thread(target=spin, daemon=True).start()\n"
         "if os.fork() == 0:\n    while True:\n        pass\n"
+        # non-dumpable: /proc/PID may then look root-owned, which must not hide it
+        "import ctypes\nif os.fork() == 0:\n    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)\n"
+        "    while True:\n        pass\n"
         "print('spinning')")
     assert r.status == "ok", r.text
     pids = uid_processes(session.worker_uid)
-    assert len(pids) == 2
+    assert len(pids) == 3
     before = cpu_seconds(pids)
     time.sleep(1.0)
     # A spinning thread and a spinning child burn ~1-2 CPU-s per second unless stopped.
