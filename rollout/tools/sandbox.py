@@ -554,6 +554,18 @@ def _real_uid(pid: int) -> int | None:
         return None
 
 
+def _pid_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def _ns_pids(ns: str) -> list[int]:
+    """Processes in pid namespace ``ns`` (one readlink per host process)."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _pid_ns(int(e)) == ns]
+
+
 def _uid_pids(uid: int) -> list[int]:
     """Processes (zombies included) whose real uid is ``uid``; cheap enough to run around every
     call where there is no cgroup to freeze."""
@@ -567,6 +579,7 @@ class _Worker:
         self.limits, self.isolation, self.warm = limits, isolation, warm
         self.pidfd: int | None = None
         self.host_pid: int | None = None
+        self.ns: str | None = None
         self.dead = False
         self.paused = False
         self.oom_killed = False
@@ -627,6 +640,10 @@ class _Worker:
             raise SandboxError(f"sandbox worker reported pid {host_pid}, which is not our child")
         self.host_pid = host_pid
         self.pidfd = os.pidfd_open(host_pid)
+        # With a pid namespace, its identity tells the sandbox's processes from any other.
+        self.ns = _pid_ns(host_pid) if iso.pid_ns else None
+        if iso.pid_ns and (self.ns is None or self.ns == _pid_ns(os.getpid())):
+            raise SandboxError(f"sandbox worker {host_pid} is not in a pid namespace of its own")
         if self.cgroup and host_pid not in self.cgroup.pids():
             raise SandboxError(f"sandbox worker {host_pid} is not in its cgroup {self.cgroup.dirs}")
         self.report = msg.get("report", {})
@@ -683,6 +700,8 @@ class _Worker:
         """Host pids of this sandbox's processes (the worker first)."""
         if self.cgroup is not None:
             return [self.host_pid, *sorted(self.cgroup.pids() - {self.host_pid})]
+        if self.ns is not None:
+            return [self.host_pid, *[p for p in _ns_pids(self.ns) if p != self.host_pid]]
         if self.isolation.drop_uid:
             return [self.host_pid, *[p for p in _uid_pids(self.uid) if p != self.host_pid]]
         return [self.host_pid]  # same uid as the trainer: only the worker is surely ours
@@ -701,8 +720,12 @@ class _Worker:
         except OSError:
             return
         try:
-            mine = (pid in self.cgroup.pids() if self.cgroup is not None
-                    else _real_uid(pid) == self.uid)
+            if self.cgroup is not None:
+                mine = pid in self.cgroup.pids()
+            elif self.ns is not None:
+                mine = _pid_ns(pid) == self.ns
+            else:
+                mine = self.isolation.drop_uid and _real_uid(pid) == self.uid
             if mine:
                 signal.pidfd_send_signal(fd, sig)
         except OSError:
