@@ -308,3 +308,17 @@ def test_interpreter_and_libraries_still_work_inside(session):
         " capture_output=True, text=True)\nprint(out.stdout.strip(), out.returncode)\n"
         "print(open('/dev/null').read() == '', len(open('/dev/urandom', 'rb').read(4)))")
     assert r.text == format_code_result("3 0\nTrue 4\n", ""), r.text
+
+
+def test_cgroup_v2_delegation_against_a_fake_hierarchy(tmp_path):
+    # This machine may have no v2 controllers to test with; the decisions are checked on files.
+    from deepeyesv2_rollout.tools.sandbox import Cgroups, _cgroup_v2
+
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    got = _cgroup_v2(str(tmp_path), "deepeyesv2-1-2")
+    assert got == Cgroups(2, (str(tmp_path / "deepeyesv2-1-2"),), ("memory", "pids", "cpu"), False)
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (tmp_path / "deepeyesv2-1-2/cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    (tmp_path / "cgroup.controllers").write_text("cpu io\n")
+    assert _cgroup_v2(str(tmp_path), "g") == f"cgroup v2 at {tmp_path} lacks the memory, pids controller(s)"
