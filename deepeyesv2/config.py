@@ -188,7 +188,7 @@ def _betas_ok(v: Any) -> bool:
 
 def constraints() -> dict[str, Check]:
     """Dotted key -> Check, for every field of Config."""
-    from deepeyesv2_kernels.grpo_loss_ref import KL_ESTIMATORS, LOSS_AGGS
+    from deepeyesv2_kernels.grpo_terms import KL_ESTIMATORS, LOSS_AGGS
 
     from .attention import BACKENDS
 

@@ -87,19 +87,6 @@ def gpu_arch(device: torch.device) -> int | None:
     return None
 
 
-def check_same_device(**tensors: torch.Tensor | None) -> None:
-    """ValueError naming the first tensor that is not on the first one's device (None entries are skipped):
-    a Triton launch with one host tensor would fail deep inside with a pointer error, the torch path with a
-    generic device error."""
-    named = [(n, t) for n, t in tensors.items() if t is not None]
-    if not named:
-        return
-    first, ref = named[0]
-    for name, t in named[1:]:
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device}, {first} on {ref.device}")
-
-
 def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

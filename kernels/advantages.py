@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import check_same_device, interpreting, jit, launch, use_triton
-from .advantages_ref import NORMS
+from ._triton_utils import interpreting, jit, launch, use_triton
+from .validate import check_same_device
 
 try:  # triton is optional: the torch path works without it
     import triton
@@ -24,6 +24,8 @@ try:  # triton is optional: the torch path works without it
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
+
+NORMS = ("std", "none")  # GRPO's std-normalised advantages, Dr.GRPO's plain centring
 
 
 def _group_advantages_fwd_kernel(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-NORMS = ("std", "none")
+from .advantages import NORMS
 
 
 def group_advantages_ref(

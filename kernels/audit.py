@@ -428,12 +428,13 @@ def cost_table(H: int = 3584, V: int = 152_064, tokens: tuple[int, ...] = (4096,
     from .logprobs import FUSED_CHUNK_BYTES, GPU_CHUNK_BYTES
 
     b16 = 2
-    lines = ["| op | T | launch | GFLOP | HBM MiB | bound ms |", "|---|---|---|---|---|---|"]
+    lines = ["| op | T | launch | GFLOP | HBM MiB | bound ms | measured anchors, H100 ms |",
+             "|---|---|---|---|---|---|---|"]
 
     def row(op, T, launch, flops, nbytes, total):
         ms = max(flops / H100_BF16_FLOPS, nbytes / H100_HBM_BYTES) * 1e3
         total.append(ms)
-        lines.append(f"| {op} | {T} | {launch} | {flops / 1e9:.0f} | {nbytes / 2**20:.0f} | {ms:.2f} |")
+        lines.append(f"| {op} | {T} | {launch} | {flops / 1e9:.0f} | {nbytes / 2**20:.0f} | {ms:.2f} | |")
 
     for T in tokens:
         gemm = 2 * T * V * H
@@ -446,9 +447,8 @@ def cost_table(H: int = 3584, V: int = 152_064, tokens: tuple[int, ...] = (4096,
         row(op, T, "dlogits kernel (recompute GEMM + epilogue)", gemm, (T * H + n_chunks * V * H + T * V) * b16, total)
         row(op, T, "dH = dlogits @ W (cuBLAS)", gemm, (T * V + n_chunks * V * H + T * H) * b16, total)
         row(op, T, "dW += dlogits^T @ h (cuBLAS)", gemm, (T * V + T * H + (2 * n_chunks - 1) * V * H) * b16, total)
-        anchor = ANCHORS.get((op, T), "")
-        lines.append(f"| {op} | {T} | **sum (bound)** | {4 * gemm / 1e9:.0f} | | **{sum(total):.1f}** |"
-                     + (f" anchors: {anchor}" if anchor else ""))
+        lines.append(f"| {op} | {T} | **sum (bound)** | {4 * gemm / 1e9:.0f} | | **{sum(total):.1f}** "
+                     f"| {ANCHORS.get((op, T), '')} |")
         # fused GRPO loss: the forward kernel stores fp32 logits, dlogits reads them back (no recompute).
         chunk = max(128, (FUSED_CHUNK_BYTES // ((4 + b16) * V)) // 128 * 128)
         n_chunks = math.ceil(T / chunk)
@@ -458,9 +458,8 @@ def cost_table(H: int = 3584, V: int = 152_064, tokens: tuple[int, ...] = (4096,
         row(op, T, "dlogits from stored logits", 0, T * V * (4 + b16), total)
         row(op, T, "dH = dlogits @ W (cuBLAS)", gemm, (T * V + n_chunks * V * H + T * H) * b16, total)
         row(op, T, "dW += dlogits^T @ h (cuBLAS)", gemm, (T * V + T * H + (2 * n_chunks - 1) * V * H) * b16, total)
-        anchor = ANCHORS.get((op, T), "")
-        lines.append(f"| {op} | {T} | **sum (bound)** | {3 * gemm / 1e9:.0f} | | **{sum(total):.1f}** |"
-                     + (f" anchors: {anchor}" if anchor else ""))
+        lines.append(f"| {op} | {T} | **sum (bound)** | {3 * gemm / 1e9:.0f} | | **{sum(total):.1f}** "
+                     f"| {ANCHORS.get((op, T), '')} |")
     lines.append("")
     lines.append(f"Bound = max(FLOPs / {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s, bytes / {H100_HBM_BYTES / 1e12:.2f} TB/s) "
                  f"per launch (H100 SXM dense bf16 peak; H={H}, V={V}, bf16): a floor no kernel can beat, "
@@ -469,6 +468,23 @@ def cost_table(H: int = 3584, V: int = 152_064, tokens: tuple[int, ...] = (4096,
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+
+
+def _write_md(path: str, argv: list[str] | None, rows: list[Row], report: str) -> None:
+    import datetime
+
+    import triton
+
+    cmd = " ".join(["python -m deepeyesv2_kernels.audit", *(argv if argv is not None else sys.argv[1:])])
+    archs = ", ".join(f"sm_{x}" for x in sorted({r.arch for r in rows}))
+    with open(path, "w") as f:
+        f.write(
+            f"# Compile audit, {datetime.date.today()}\n\n`{cmd}` with triton {triton.__version__} (its bundled "
+            f"ptxas / cuobjdump) on a CPU-only machine: every Triton kernel compiled for {archs}. Registers, stack "
+            "(spill bytes) from `cuobjdump --dump-resource-usage`; shared memory of the compiled kernel; LDL/STL and "
+            "tensor-core instructions (HGMMA / HMMA) counted in the SASS; 'stages in smem' = shared memory / one K "
+            "step's operand tiles. Compiler output, not a GPU measurement.\n\n" + report + "\n"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="only the heaviest flag set of each dtype class (every config still compiled)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    p.add_argument("--md", default=None, help="also write the report as markdown to this path (bench/results/)")
     p.add_argument("--costs", action="store_true", help="print only the static cost table")
     p.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPU count)")
     a = p.parse_args(argv)
@@ -488,18 +505,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     archs = tuple(int(x) for x in a.arch.split(",")) if a.arch else None
     rows = audit(archs, tuple(a.op) if a.op else None, a.workers, quick=a.quick)
-    print(format_table(rows))
-    print()
-    print(cost_table())
     bad = problems(rows)
-    print()
     if bad:
-        print(f"{len(bad)} problem(s):")
-        for line in bad:
-            print(f"  {line}")
+        verdict = f"{len(bad)} problem(s):\n" + "\n".join(f"  {line}" for line in bad)
     else:
-        print(f"clean: {len(rows)} compiled kernels, no spills, shared memory within limits, tensor cores and a "
-              "pipelined K loop in every GEMM kernel")
+        verdict = (f"clean: {len(rows)} compiled kernels, no spills, shared memory within limits, tensor cores and a "
+                   "pipelined K loop in every GEMM kernel")
+    report = f"{format_table(rows)}\n\n{cost_table()}\n\n{verdict}"
+    print(report)
+    if a.md:
+        _write_md(a.md, argv, rows, report)
     if a.json:
         with open(a.json, "w") as f:
             json.dump([dict(dataclasses.asdict(r), pipelined=r.pipelined, stages_resident=r.stages_resident)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import check_same_device, interpreting, jit, launch, use_triton
-from .grpo_loss_ref import KL_ESTIMATORS, LOSS_AGGS, grpo_token_terms_ref
+from ._triton_utils import interpreting, jit, launch, use_triton
+from .grpo_terms import KL_ESTIMATORS, seq_denominators, token_terms
+from .validate import shape_of, validate_grpo_inputs
 
 try:  # triton is optional: the torch path works without it
     import triton
@@ -144,16 +145,11 @@ def _grpo_loss_bwd_kernel(
 
 
 def _seq_weights(stats: torch.Tensor, loss_agg: str, num_tokens: float | None) -> torch.Tensor:
-    """[S] fp32 weight of each sequence's summed token loss in the aggregated loss (device ops only, no sync)."""
+    """[S] fp32 weight of each sequence's summed token loss (device ops only, no sync); sequences without masked
+    tokens weigh 0 in the per-sequence means (their sum is 0 either way)."""
     count = stats[:, _COUNT]
-    if loss_agg == "token-mean":
-        denom = count.sum().clamp(min=1.0) if num_tokens is None else count.new_tensor(float(num_tokens))
-        return (count * 0.0 + 1.0) / denom
-    has_tokens = count > 0
-    n_seqs = has_tokens.sum().clamp(min=1).to(torch.float32)
-    if loss_agg == "seq-mean-token-mean":
-        return torch.where(has_tokens, 1.0 / (count.clamp(min=1.0) * n_seqs), 0.0)
-    return torch.where(has_tokens, 1.0 / n_seqs, 0.0)
+    weights = 1.0 / seq_denominators(count, loss_agg, num_tokens)
+    return weights if loss_agg == "token-mean" else torch.where(count > 0, weights, 0.0)
 
 
 def _metrics_from_stats(stats: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -231,49 +227,18 @@ def _grpo_loss_torch(logprobs, old_logprobs, advantages, loss_mask, cu_seqlens, 
     def masked(x):  # zero outside the mask before exp() (see kernel comment)
         return None if x is None else torch.where(m, x.float(), 0.0)
 
-    terms = grpo_token_terms_ref(masked(logprobs), masked(old_logprobs), masked(advantages), masked(ref_logprobs),
-                                 clip_low, clip_high, dual_clip, kl_coef, kl_estimator, masked(entropy), entropy_coef)
+    terms = token_terms(masked(logprobs), masked(old_logprobs), masked(advantages), masked(ref_logprobs),
+                        clip_low, clip_high, dual_clip, kl_coef, kl_estimator, masked(entropy), entropy_coef)
+    approx_kl = masked(old_logprobs) - masked(logprobs)
+    ent = masked(entropy) if entropy is not None else torch.zeros_like(terms.loss)
     seq_len = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seq_idx = torch.repeat_interleave(torch.arange(S, device=logprobs.device), seq_len, output_size=T)
-    cols = [terms["loss"], m.float(), terms["clipped"], terms["approx_kl"], terms["kl"], terms["entropy"],
-            terms["ratio"]]
+    cols = [terms.loss, m.float(), terms.clipped, approx_kl, terms.kl, ent, terms.ratio]
     per_tok = torch.stack([torch.where(m, c, 0.0) for c in cols], dim=1)
     stats = per_tok.new_zeros(S, len(cols)).index_add(0, seq_idx, per_tok)
     weights = _seq_weights(stats.detach(), loss_agg, num_tokens)
     loss = (weights * stats[:, _LOSS]).sum()
     return loss, stats.detach()
-
-
-def _validate(logprobs, old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs, entropy, clip_low, clip_high,
-              dual_clip, kl_estimator, loss_agg, num_tokens):
-    if logprobs.ndim != 1 or not logprobs.is_floating_point():
-        raise ValueError(f"logprobs must be a 1-D float tensor [T], got {tuple(logprobs.shape)} {logprobs.dtype}")
-    T = logprobs.shape[0]
-    named = {"old_logprobs": old_logprobs, "advantages": advantages, "ref_logprobs": ref_logprobs, "entropy": entropy}
-    for name, t in named.items():
-        if t is not None and (t.shape != (T,) or not t.is_floating_point()):
-            raise ValueError(f"{name} must be a float tensor of shape [{T}], got {tuple(t.shape)} {t.dtype}")
-    check_same_device(logprobs=logprobs, **named)
-    if loss_mask.shape != (T,) or loss_mask.dtype != torch.bool:
-        raise ValueError(f"loss_mask must be a bool tensor of shape [{T}], got {tuple(loss_mask.shape)} "
-                         f"{loss_mask.dtype}")
-    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [S+1], got {tuple(cu_seqlens.shape)} "
-                         f"{cu_seqlens.dtype}")
-    # Checking monotonicity costs one host sync; packing bugs here would silently mis-attribute tokens.
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu[:-1], cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}; got {cu[:4]}...{cu[-2:]}")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
-        raise ValueError(f"clip_low must be in [0, 1) and clip_high >= 0, got {clip_low}, {clip_high}")
-    if num_tokens is not None and not num_tokens > 0:
-        raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
 
 
 def grpo_loss(
@@ -304,8 +269,10 @@ def grpo_loss(
     means over all masked tokens; kl is reported whenever ref_logprobs is given, even with kl_coef == 0, and is 0
     without it).
     """
-    _validate(logprobs, old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs, entropy, clip_low, clip_high,
-              dual_clip, kl_estimator, loss_agg, num_tokens)
+    if not isinstance(logprobs, torch.Tensor) or logprobs.ndim != 1 or not logprobs.is_floating_point():
+        raise ValueError(f"logprobs must be a 1-D float tensor [T], got {shape_of(logprobs)}")
+    validate_grpo_inputs(("logprobs", logprobs), old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs, entropy,
+                         clip_low, clip_high, dual_clip, kl_estimator, loss_agg, num_tokens)
     args = (logprobs, old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs, entropy, clip_low, clip_high,
             dual_clip, kl_coef, kl_estimator, loss_agg, num_tokens, entropy_coef)
     if use_triton(backend, logprobs):

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-METRIC_NAMES = ("clip_frac", "approx_kl", "kl", "entropy", "ratio_mean")
+from .grpo_terms import KL_ESTIMATORS, LOSS_AGGS, METRIC_NAMES  # noqa: F401  (names of the options and metrics)
 
 
 def kl_penalty_ref(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:

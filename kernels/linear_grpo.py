@@ -18,11 +18,10 @@ ratio of exactly 1.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from .grpo_loss_ref import KL_ESTIMATORS, LOSS_AGGS, grpo_token_terms_ref
+from .grpo_terms import METRIC_NAMES, seq_denominators, token_terms
 from .logprobs import (
     apply_dlogits_chunk,
     fused_loss_chunk_tokens,
@@ -30,23 +29,15 @@ from .logprobs import (
     triton_logprob_stats,
 )
 from ._triton_utils import use_triton
-from .logprobs_torch import (
-    own_precision,
-    tiled_backward,
-    tiled_forward,
-    valid_tokens,
-    validate_logprobs_inputs,
-)
-
-METRIC_NAMES = ("clip_frac", "approx_kl", "kl", "entropy", "ratio_mean")
+from .logprobs_torch import own_precision, tiled_backward, tiled_forward, valid_tokens
+from .validate import validate_grpo_inputs, validate_logprobs_inputs
 
 
 def _token_loss(logp, entropy, old, adv, ref, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef):
-    """Per-token loss [T] and (ratio, clipped-flag, kl) terms; all [T] fp32. The spec's own function, so the
-    fused loss and `grpo_loss` cannot drift apart (ties included)."""
-    t = grpo_token_terms_ref(logp, old, adv, ref, clip_low, clip_high, dual_clip, kl_coef, kl_estimator,
-                             entropy, entropy_coef)
-    return t["loss"], t["ratio"], t["clipped"] > 0, (t["kl"] if ref is not None else None)
+    """Per-token loss [T] and (ratio, clipped-flag, kl) terms; all [T] fp32. The same function as `grpo_loss`'s
+    torch path (`grpo_terms.token_terms`), so the two losses cannot drift apart (ties included)."""
+    t = token_terms(logp, old, adv, ref, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy, entropy_coef)
+    return t.loss, t.ratio, t.clipped > 0, (t.kl if ref is not None else None)
 
 
 def token_weights(
@@ -54,17 +45,12 @@ def token_weights(
 ) -> torch.Tensor:
     """[T] fp32 weights w_t with loss = sum_t w_t * token_loss_t for the chosen aggregation (0 on masked tokens)."""
     maskf = mask.float()
-    if loss_agg == "token-mean":
-        denom = torch.tensor(float(num_tokens), device=mask.device) if num_tokens is not None else maskf.sum().clamp(min=1.0)
-        return maskf / denom
     cu = cu_seqlens.long()
     seq_lens = cu[1:] - cu[:-1]
-    seq_id = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=mask.device), seq_lens)
+    seq_id = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=mask.device), seq_lens,
+                                     output_size=mask.shape[0])
     per_seq = torch.zeros(seq_lens.numel(), dtype=torch.float32, device=mask.device).index_add_(0, seq_id, maskf)
-    n_seqs = (per_seq > 0).sum().clamp(min=1).float()
-    if loss_agg == "seq-mean-token-mean":
-        return maskf / (per_seq.clamp(min=1.0)[seq_id] * n_seqs)
-    return maskf / n_seqs
+    return maskf / seq_denominators(per_seq, loss_agg, num_tokens)[seq_id]
 
 
 def _chunk_token_grads(logp_c, ent_c, w_c, extra_c, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -153,38 +139,6 @@ def _triton_forward(hidden, weight, bias, targets, inv_temp, need_h, need_w, nee
     return grad_h, grad_w, grad_b32.to(bias.dtype) if need_b else None
 
 
-def _validate_grpo_inputs(T, device, old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs, clip_low,
-                          clip_high, dual_clip, kl_estimator, loss_agg, num_tokens):
-    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
-        if t is None and name == "ref_logprobs":
-            continue
-        if not isinstance(t, torch.Tensor) or t.shape != (T,) or not t.is_floating_point():
-            raise ValueError(f"{name} must be a float tensor of shape [T={T}], got {getattr(t, 'shape', t)}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
-    if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != (T,) or loss_mask.dtype != torch.bool:
-        raise ValueError(f"loss_mask must be a bool tensor of shape [T={T}], got {getattr(loss_mask, 'shape', loss_mask)}")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be [S+1] with S >= 1, got {getattr(cu_seqlens, 'shape', cu_seqlens)}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {device}")
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu[:-1], cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, end at T={T} and be non-decreasing, got {cu[:4]}...{cu[-2:]}")
-    if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
-        raise ValueError(f"clip_low must be in [0, 1) and clip_high >= 0, got {clip_low}, {clip_high}")
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    if num_tokens is not None and not (math.isfinite(num_tokens) and num_tokens > 0):
-        raise ValueError(f"num_tokens must be > 0 (or None), got {num_tokens}")
-
-
 def fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -222,8 +176,8 @@ def fused_linear_grpo_loss(
     if hidden.dtype == torch.float64:
         raise ValueError("hidden must be fp32/bf16/fp16 (fp64 is for the references only)")
     T = hidden.shape[0]
-    _validate_grpo_inputs(T, hidden.device, old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs,
-                          clip_low, clip_high, dual_clip, kl_estimator, loss_agg, num_tokens)
+    validate_grpo_inputs(("hidden", hidden), old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs, None,
+                         clip_low, clip_high, dual_clip, kl_estimator, loss_agg, num_tokens)
     resolved = "triton" if use_triton(backend, hidden) else "torch"
     valid = valid_tokens(targets, ignore_index, loss_mask)
     w = token_weights(valid, cu_seqlens, loss_agg, num_tokens)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from ._triton_utils import gpu_arch, launch, use_triton
-from .logprobs_torch import chunked_logprobs, finish_forward, own_precision, upstream_grads, valid_tokens, validate_logprobs_inputs
+from .logprobs_torch import chunked_logprobs, finish_forward, own_precision, upstream_grads, valid_tokens
+from .validate import validate_logprobs_inputs
 
 try:  # Triton is optional: without it every call goes to the chunked torch path.
     import triton

@@ -37,7 +37,6 @@ import math
 
 import torch
 
-from ._triton_utils import check_same_device
 
 # Size of one [Tc, Vb] fp32 tile of the vocab-tiled log-prob path; two are alive at its peak. On 2 CPU cores the GEMMs
 # dominate and tiles of 16-128 MiB timed alike when the machine was quiet; under load, 64-128 MiB did better than
@@ -48,65 +47,6 @@ TILE_BYTES = 64 * 2**20
 TOKEN_CHUNK_MAX = 8192
 # Smallest vocab block before the token chunk shrinks instead (keeps the K = Vb of the grad-hidden GEMM wide).
 VOCAB_BLOCK_MIN = 1024
-
-
-def validate_logprobs_inputs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    bias: torch.Tensor | None,
-    ignore_index: int,
-    loss_mask: torch.Tensor | None,
-) -> None:
-    """Raise ValueError naming the argument when the inputs do not fit `fused_logprobs`' contract."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.ndim != 2:
-        raise ValueError(f"hidden must be [T, H], got shape {tuple(hidden.shape)}")
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} disagree on H")
-    if weight.shape[0] == 0 or hidden.shape[1] == 0:
-        raise ValueError(f"weight must have V > 0 and H > 0, got shape {tuple(weight.shape)}")
-    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"hidden must be fp32/bf16/fp16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if targets.ndim != 1 or targets.shape[0] != hidden.shape[0]:
-        raise ValueError(f"targets must be [T={hidden.shape[0]}], got shape {tuple(targets.shape)}")
-    if targets.dtype != torch.int64:
-        raise ValueError(f"targets must be int64, got {targets.dtype}")
-    named = [("hidden", hidden), ("weight", weight), ("targets", targets)]
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be [V={weight.shape[0]}], got {getattr(bias, 'shape', bias)}")
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
-        named.append(("bias", bias))
-    if loss_mask is not None:
-        if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != targets.shape:
-            raise ValueError(f"loss_mask must be [T={targets.shape[0]}], got {getattr(loss_mask, 'shape', loss_mask)}")
-        if loss_mask.dtype != torch.bool:
-            raise ValueError(f"loss_mask must be bool, got {loss_mask.dtype}")
-        named.append(("loss_mask", loss_mask))
-    check_same_device(**dict(named))  # named starts with hidden
-    for name, t in named:
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if targets.numel():
-        checked = targets[targets != ignore_index]
-        if checked.numel() and bool(((checked < 0) | (checked >= weight.shape[0])).any()):
-            bad = checked[(checked < 0) | (checked >= weight.shape[0])][0].item()
-            raise ValueError(
-                f"targets contains {bad}, outside [0, V={weight.shape[0]}) and not ignore_index={ignore_index}"
-            )
 
 
 def valid_tokens(targets: torch.Tensor, ignore_index: int, loss_mask: torch.Tensor | None) -> torch.Tensor:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import check_same_device, interpreting, jit, launch, use_triton
-from .mrope_ref import mrope_rows
+from ._triton_utils import interpreting, jit, launch, use_triton
+from .validate import check_same_device
 
 try:  # triton is optional: the torch path works without it
     import triton
@@ -65,6 +65,12 @@ def _mrope_fwd_kernel(
     p_ko = k_out_ptr + i_t * stride_ko_t + o_hk[:, None] * stride_ko_h + o_d[None, :]
     tl.store(p_ko, (b_k1 * b_cos[None, :] - b_k2 * b_sin[None, :]).to(k_out_ptr.dtype.element_ty), mask=m_k)
     tl.store(p_ko + HALF, (b_k2 * b_cos[None, :] + b_k1 * b_sin[None, :]).to(k_out_ptr.dtype.element_ty), mask=m_k)
+
+
+def mrope_rows(mrope_section: list[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """[D/2] int32: which position row (0=t, 1=h, 2=w) drives each rotary half-dim."""
+    rows = [i % 3 for i, n in enumerate(mrope_section) for _ in range(n)]
+    return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

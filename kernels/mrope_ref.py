@@ -12,12 +12,6 @@ from __future__ import annotations
 import torch
 
 
-def mrope_rows(mrope_section: list[int], device: torch.device | str | None = None) -> torch.Tensor:
-    """[D/2] int32: which position row (0=t, 1=h, 2=w) drives each rotary half-dim."""
-    rows = [i % 3 for i, n in enumerate(mrope_section) for _ in range(n)]
-    return torch.tensor(rows, dtype=torch.int32, device=device)
-
-
 def mrope_cos_sin_ref(
     position_ids: torch.Tensor,
     inv_freq: torch.Tensor,
