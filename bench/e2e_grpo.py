@@ -21,7 +21,9 @@ advantages + log-probs + loss + backward + optimizer step.
   trl-liger  the same with use_liger_kernel=True (TRL 1.16 then applies Liger's layer kernels, keeping its own
              log-prob head). With liger-kernel 0.8.5 + transformers 5.24 it fails at import for Qwen2.5-VL
              (LigerQwen2_5_VLCausalLMOutputWithPast is not defined): its row says n/a with that reason.
-Each variant runs in a fresh subprocess: one warm-up step, then the median of `steps` steps. Generated tokens/s =
+Each run of a variant is a fresh subprocess: one warm-up step, then the median of `steps` steps. The variants' runs
+alternate (ours, trl, trl-liger, ours, ...) for `rounds` rounds (bench/_common.py `interleave`), and each ratio is
+the median of the per-round ratios ours / peer with their min-max (a variant that fails is not run again). Generated tokens/s =
 completion tokens / generation seconds; trained tokens/s = completion (loss) tokens / (step - generation)
 seconds; step CPU time = process CPU seconds (all threads), the number to compare on a shared machine, where
 wall time depends on other jobs; peak RSS growth = VmHWM over the steps minus the RSS after setup (model, trainer,
@@ -38,8 +40,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
-from bench._common import (fmt_bytes, fmt_seconds, render_table, rss_baseline_kib, rss_kib, run_worker, serve_worker,
-                           skip_unless_benchmarking)
+from bench._common import (first_failure, fmt_bytes, fmt_seconds, interleave, load_cell, paired_row, ratio_cell,
+                           render_table, rss_baseline_kib, rss_kib, run_worker, serve_worker, skip_unless_benchmarking)
 
 VARIANTS = ("ours", "trl", "trl-liger")
 
@@ -371,45 +373,55 @@ ENGINE_MEM_FRACTION = 0.3
 
 
 def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...] = VARIANTS,
-         verbose: bool = True, model: str = "tiny", engine: str = "auto", trl_vllm: str = "auto") -> list[dict]:
-    """Run each variant in its own subprocess; rows ours vs trl and ours vs trl-liger (ratio = ours / peer)."""
+         verbose: bool = True, model: str = "tiny", engine: str = "auto", trl_vllm: str = "auto",
+         rounds: int = 3) -> list[dict]:
+    """Run the variants alternately, `rounds` subprocesses each; rows ours vs trl and ours vs trl-liger (ratio = the
+    median of the per-round ratios ours / peer). No warm-up process: each process discards its own first step."""
     setup = QUICK if quick else FULL
     if steps is not None:
         setup = replace(setup, steps=steps)
     backends = resolve_backends(engine, trl_vllm)
     setup = replace(setup, model=model, engine=backends["engine"], vllm=backends["vllm"])
-    res = {}
-    for v in variants:
-        res[v] = _run_worker_subprocess(v, setup)
-        if verbose:
-            print(f"  e2e_grpo {v:9s} {res[v]}", file=sys.stderr, flush=True)
-    ours = res.get("ours", {"error": "not run"})
-    device = ours.get("device") or next((r["device"] for r in res.values() if "device" in r), "?")
+
+    def side(v: str):
+        def call():
+            out = _run_worker_subprocess(v, setup)
+            if verbose:
+                print(f"  e2e_grpo {v:9s} {out}", file=sys.stderr, flush=True)
+            return out
+        return call
+
+    run = interleave({v: side(v) for v in variants}, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
+    res = run.results
+    ours_runs = res.get("ours", [{"error": "not run"}])
+    device = next((r["device"] for runs in res.values() for r in runs if "device" in r), "?")
     metrics = GPU_METRICS if backends["cuda"] else METRICS
     engines = (f"; ours samples with {'SGLang' if setup.engine == 'sglang' else 'the embedded engine'}, "
                f"TRL with {'vLLM (colocate)' if setup.vllm else 'HF generate'}")
     note = (f"{'tiny' if setup.model == 'tiny' else setup.model} Qwen2.5-VL, P={setup.prompts} prompts x G={setup.group}, "
-            f"1 turn <= {setup.completion} new tokens, 1 image {setup.image}px; median of {setup.steps} steps after a "
-            f"warm-up{engines}")
+            f"1 turn <= {setup.completion} new tokens, 1 image {setup.image}px; {rounds} alternating processes per "
+            f"variant, each the median of {setup.steps} steps after a warm-up{engines}")
     out = []
     for peer_name in [v for v in variants if v != "ours"]:
-        peer = res[peer_name]
+        peer_runs = res[peer_name]
         label = "TRL GRPOTrainer" if peer_name == "trl" else "TRL GRPOTrainer + Liger"
-        if "error" in ours or "error" in peer:
-            why = peer.get("error") or ours.get("error")
-            if peer_name == "trl-liger" and "error" in peer and not _has_cuda():
+        f_ours, f_peer = first_failure(ours_runs), first_failure(peer_runs)
+        if f_ours or f_peer:
+            why = (f_peer or f_ours)["error"]
+            if peer_name == "trl-liger" and f_peer and not _has_cuda():
                 # Even where the patch imports, Liger's layer kernels (RMSNorm, SwiGLU, RoPE) are Triton GPU kernels.
                 why += "; on CPU this peer cannot run anyway: Liger's layer kernels are Triton kernels that need a GPU"
-            out.append(dict(benchmark=f"GRPO step (ours vs {label})", ours="failed" if "error" in ours else "ok",
-                            peer="n/a" if "error" in peer else "ok", ratio=None, device=device,
-                            note=f"{'ours' if 'error' in ours else peer_name} failed: {why}", better="lower"))
+            out.append(dict(benchmark=f"GRPO step (ours vs {label})", ours="failed" if f_ours else "ok",
+                            peer="n/a" if f_peer else "ok", ratio=None, device=device,
+                            note=f"{'ours' if f_ours else peer_name} failed: {why}", better="lower"))
             continue
-        time_note = (f"; prompt tokens ours {ours['prompt_tokens']:.0f} / TRL {peer['prompt_tokens']:.0f}"
-                     f"; fastest step ours {fmt_seconds(ours['min_seconds'])} / TRL {fmt_seconds(peer['min_seconds'])}")
+        med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
+        time_note = (f"; prompt tokens ours {med(ours_runs, 'prompt_tokens'):.0f} / TRL {med(peer_runs, 'prompt_tokens'):.0f}"
+                     f"; fastest step ours {fmt_seconds(min(r['min_seconds'] for r in ours_runs))} / "
+                     f"TRL {fmt_seconds(min(r['min_seconds'] for r in peer_runs))}")
         for key, name, fmt, better in metrics:
-            out.append(dict(benchmark=f"{name} (ours vs {label})", ours=fmt(ours[key]), peer=fmt(peer[key]),
-                            ratio=ours[key] / peer[key] if peer[key] else None, device=device,
-                            note=note + (time_note if key == "seconds" else ""), better=better))
+            out.append(paired_row(f"{name} (ours vs {label})", [r[key] for r in ours_runs], [r[key] for r in peer_runs],
+                                  fmt, device, run, note + (time_note if key == "seconds" else ""), better))
     return out
 
 
@@ -428,10 +440,11 @@ def test_bench_e2e_grpo_step_ours(benchmark):
 
 # ------------------------------------------------------------------------------------------------- CLI
 def markdown_table(table_rows: list[dict]) -> str:
-    """| benchmark | ours | peer | ours/peer | better | note |; a ratio of None shows as n/a."""
+    """| benchmark | ours | peer | ours/peer (min-max) | better | load before->after | note |; a ratio of None
+    shows as n/a, pairs that spread over NOISY_SPREAD as noisy."""
     return render_table(table_rows, [("benchmark", "benchmark"), ("ours", "ours"), ("peer", "peer"),
-                                     ("ours/peer", lambda r: "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"),
-                                     ("better", "better"), ("note", "note")])
+                                     ("ours/peer (min-max)", ratio_cell), ("better", "better"),
+                                     ("load before->after", load_cell), ("note", "note")])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -439,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK}")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up step")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per process after its warm-up step")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating processes per variant (pairs per ratio)")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants (ours always runs)")
     parser.add_argument("--model", default="tiny", help="'tiny' or a local Qwen2.5-VL directory")
     parser.add_argument("--engine", default="auto", choices=("auto", "embedded", "sglang"),
@@ -452,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         parser.error(f"--only: unknown variant(s) {bad}; choose from {VARIANTS}")
     print(markdown_table(rows(args.quick, args.steps, variants, model=args.model, engine=args.engine,
-                              trl_vllm=args.trl_vllm)))
+                              trl_vllm=args.trl_vllm, rounds=args.rounds)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 
 A tiny Qwen2 (2 layers) with a large vocabulary -- the part the kernels act on -- and a word-level tokenizer of
 the same size built with `tokenizers` (no download), trained by `trl.GRPOTrainer` (fp32, use_cpu, no vLLM,
-beta=0.04 so the reference model's log-probs are computed too). Two variants, each in a fresh subprocess:
+beta=0.04 so the reference model's log-probs are computed too). Two variants, each run a fresh subprocess, the
+runs alternating trl, ours, trl, ours ... for `rounds` rounds (bench/_common.py `interleave`; each ratio the median
+of the per-round ratios, with their min-max):
   trl    TRL 1.x as shipped: its own chunked fused LM head (trl.kernels.ChunkedLogProbFunction)
   ours   the same trainer after `apply(trainer)`: log-probs and entropy by `fused_logprobs`
 Step time: median wall time of the optimizer steps after the first (generation included: it is identical in both
@@ -23,7 +25,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
-from bench._common import bytes_row, failed_row, rss_baseline_kib, rss_kib, run_worker, seconds_row, serve_worker
+from bench._common import (bytes_row, failed_row, first_failure, interleave, rss_baseline_kib, rss_kib, run_worker,
+                           seconds_row, serve_worker)
 from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 VARIANTS = ("trl", "ours")
@@ -107,26 +110,35 @@ def _worker(variant: str, setup: Setup) -> dict:
             "losses": losses, "threads": torch.get_num_threads()}
 
 
-def rows(quick: bool = False, steps: int | None = None, verbose: bool = True) -> list[dict]:
-    """Run both variants (one subprocess each) and return rows ours vs TRL."""
+def rows(quick: bool = False, steps: int | None = None, verbose: bool = True, rounds: int = 3) -> list[dict]:
+    """Run both variants alternately, `rounds` subprocesses each, and return rows ours vs TRL. No warm-up process:
+    each process discards its own first optimizer step."""
     setup = QUICK if quick else FULL
     if steps is not None:
         setup = replace(setup, steps=steps)
-    res = {}
-    for variant in VARIANTS:
-        res[variant] = run_worker("bench.integrations", variant, asdict(setup))
-        if verbose:
-            print(f"  {variant:5s} {res[variant]}", file=sys.stderr, flush=True)
-    ours, peer = res["ours"], res["trl"]
-    threads = ours.get("threads", peer.get("threads", "?"))
+
+    def side(variant: str):
+        def call():
+            out = run_worker("bench.integrations", variant, asdict(setup))
+            if verbose:
+                print(f"  {variant:5s} {out}", file=sys.stderr, flush=True)
+            return out
+        return call
+
+    run = interleave({v: side(v) for v in VARIANTS}, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
+    ours, peer = run.results["ours"], run.results["trl"]
+    threads = next((r["threads"] for r in ours + peer if "threads" in r), "?")
     device = (f"CPU x{threads} threads, fp32, Qwen2 2L H={setup.hidden} V={setup.vocab}, "
               f"{setup.prompts}x{setup.generations} completions of <= {setup.completion} tokens")
-    if "error" in ours or "error" in peer:
-        return [failed_row("TRL GRPOTrainer step", ours, peer, device)]
+    fo, fp = first_failure(ours), first_failure(peer)
+    if fo or fp:
+        return [failed_row("TRL GRPOTrainer step", fo or {}, fp or {}, device)]
+    note = f"{rounds} alternating processes per variant, each the median of its steps after the first"
     return [
-        seconds_row("TRL GRPOTrainer step time (ours vs trl)", ours["step_seconds"], peer["step_seconds"], device),
-        bytes_row("TRL GRPOTrainer peak RSS growth (ours vs trl)", ours["peak_growth_bytes"],
-                  peer["peak_growth_bytes"], device),
+        seconds_row("TRL GRPOTrainer step time (ours vs trl)", [r["step_seconds"] for r in ours],
+                    [r["step_seconds"] for r in peer], device, run, note),
+        bytes_row("TRL GRPOTrainer peak RSS growth (ours vs trl)", [r["peak_growth_bytes"] for r in ours],
+                  [r["peak_growth_bytes"] for r in peer], device, run, note),
     ]
 
 
@@ -136,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="V=32k, 3 steps (~1-2 minutes on 2 cores)")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating processes per variant (pairs per ratio)")
     args = parser.parse_args(argv)
-    print(markdown_table(rows(args.quick, args.steps)))
+    print(markdown_table(rows(args.quick, args.steps, rounds=args.rounds)))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ hidden and weight of
   ours           deepeyesv2_kernels.logprobs.fused_logprobs (chunked torch path on CPU)
   liger-grpo     liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(compiled=False), one chunk per sequence
   ours-grpo      deepeyesv2_kernels.linear_grpo.fused_linear_grpo_loss
-Each method runs in a fresh subprocess: wall time is the median of --reps runs after one warm-up; memory is the
-peak RSS growth (VmHWM, reset after the inputs are allocated) minus the gradients of hidden and weight, i.e.
-"extra above inputs and their gradients", the definition of /work/shared/TARGETS.md.
+Each run of a method is a fresh subprocess (its wall time: the median of --reps steps after one warm-up step;
+its memory: the peak RSS growth, VmHWM reset after the inputs are allocated, minus the gradients of hidden and
+weight, i.e. "extra above inputs and their gradients", the definition of /work/shared/TARGETS.md). The methods'
+processes alternate, one of each per round for --rounds rounds (bench/_common.py `interleave`), and each row's
+ratio is the median of the per-round ratios with their min-max. On the GPU the methods alternate the same way
+inside one process (the CUDA allocator's peak is reset per run).
 
 GPU (only when CUDA exists): H=3584, V=152,064, bf16, T=4,096 and 16,384, random and "peaky" weights: ours vs
 torch eager vs torch.compile vs Liger vs cut-cross-entropy (log-prob only), plus the fused GRPO loss; writes a
@@ -33,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench._common import (bytes_row, failed_row, naive_logprobs, naive_step, rss_baseline_kib, rss_kib, run_worker, serve_worker,
-                           seconds_row, skip_unless_benchmarking)
+from bench._common import (bytes_row, failed_row, first_failure, interleave, naive_logprobs, naive_step,
+                           rss_baseline_kib, rss_kib, run_worker, seconds_row, serve_worker, skip_unless_benchmarking)
 from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 CPU_METHODS = ("naive", "liger-ce", "ours", "liger-grpo", "ours-grpo")
@@ -128,26 +131,39 @@ def _cpu_worker(method: str, shape: Shape, reps: int) -> dict:
     return {"seconds": statistics.median(times), "extra_bytes": max(0, (peak - base) * 1024 - grads)}
 
 
-def cpu_rows(quick: bool = False, reps: int | None = None, verbose: bool = True) -> list[dict]:
-    """Measure every CPU method (one subprocess each) and return comparison rows ours vs peer."""
+def cpu_rows(quick: bool = False, reps: int | None = None, verbose: bool = True, rounds: int = 3) -> list[dict]:
+    """Measure every CPU method, `rounds` fresh subprocesses each, alternating (naive, liger-ce, ours, liger-grpo,
+    ours-grpo, naive, ...), and return comparison rows ours vs peer. No warm-up process: each process discards its
+    own first step, and a whole discarded process would only warm the page cache."""
     shape = QUICK if quick else FULL
-    reps = reps if reps is not None else (3 if quick else 2)
-    res = {}
-    for method in CPU_METHODS:
-        res[method] = run_worker("bench.kernels", method, {"shape": shape.__dict__, "reps": reps})
-        if verbose:
-            print(f"  {method:11s} {res[method]}", file=sys.stderr, flush=True)
+    reps = reps if reps is not None else 2
+    payload = {"shape": shape.__dict__, "reps": reps}
+
+    def side(method: str):
+        def call():
+            out = run_worker("bench.kernels", method, payload)
+            if verbose:
+                print(f"  {method:11s} {out}", file=sys.stderr, flush=True)
+            return out
+        return call
+
+    run = interleave({m: side(m) for m in CPU_METHODS}, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
+    res = run.results
     device = f"CPU x{torch.get_num_threads()} threads, fp32, T={shape.T} H={shape.H} V={shape.V}"
     rows = []
     pairs = [("logprob+entropy fwd+bwd", "ours", "naive"), ("logprob+entropy fwd+bwd", "ours", "liger-ce"),
              ("GRPO loss fwd+bwd", "ours-grpo", "naive"), ("GRPO loss fwd+bwd", "ours-grpo", "liger-grpo")]
+    note = f"{rounds} alternating processes per method, each the median of {reps} steps after a warm-up step"
     for bench, ours, peer in pairs:
         a, b = res[ours], res[peer]
-        if "error" in a or "error" in b:
-            rows.append(failed_row(f"{bench} vs {peer}", a, b, device))
+        fa, fb = first_failure(a), first_failure(b)
+        if fa or fb:
+            rows.append(failed_row(f"{bench} vs {peer}", fa or {}, fb or {}, device))
             continue
-        rows.append(seconds_row(f"{bench} time ({ours} vs {peer})", a["seconds"], b["seconds"], device))
-        rows.append(bytes_row(f"{bench} peak extra mem ({ours} vs {peer})", a["extra_bytes"], b["extra_bytes"], device))
+        rows.append(seconds_row(f"{bench} time ({ours} vs {peer})", [x["seconds"] for x in a],
+                                [x["seconds"] for x in b], device, run, note))
+        rows.append(bytes_row(f"{bench} peak extra mem ({ours} vs {peer})", [x["extra_bytes"] for x in a],
+                              [x["extra_bytes"] for x in b], device, run, note))
     return rows
 
 
@@ -206,8 +222,10 @@ def _gpu_measure(fn, shape: Shape, peaky: bool, reps: int = 5) -> tuple[float, f
     return statistics.median(times), extra
 
 
-def gpu_rows(token_counts=(4096, 16_384), verbose: bool = True) -> list[dict]:
-    """GPU comparison rows (ours vs each peer), or [] without CUDA."""
+def gpu_rows(token_counts=(4096, 16_384), verbose: bool = True, rounds: int = 3) -> list[dict]:
+    """GPU comparison rows (ours vs each peer), or [] without CUDA. Per shape the methods alternate in this process,
+    `rounds` runs each after a warm-up round (each run: inputs, a warm-up step, median of 5 timed steps, the
+    allocator peak above the inputs and their gradients)."""
     if not torch.cuda.is_available():
         return []
     device = f"{torch.cuda.get_device_name()} bf16 H={GPU_H} V={GPU_V}"
@@ -216,21 +234,30 @@ def gpu_rows(token_counts=(4096, 16_384), verbose: bool = True) -> list[dict]:
     for T in token_counts:
         for peaky in (False, True):
             shape = Shape(T=T, H=GPU_H, V=GPU_V, seq_len=1024)
-            res = {}
-            for name, fn in methods.items():
-                try:
-                    res[name] = _gpu_measure(fn, shape, peaky)
-                except Exception as exc:  # a peer missing a kernel for this card must not stop the table
-                    res[name] = exc
-                if verbose:
-                    print(f"  T={T} peaky={peaky} {name}: {res[name]}", file=sys.stderr, flush=True)
+
+            def side(name, fn):
+                def call():
+                    try:
+                        out = _gpu_measure(fn, shape, peaky)
+                    except Exception as exc:  # a peer missing a kernel for this card must not stop the table
+                        torch.cuda.empty_cache()
+                        out = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+                    if verbose:
+                        print(f"  T={T} peaky={peaky} {name}: {out}", file=sys.stderr, flush=True)
+                    return out
+                return call
+
+            run = interleave({name: side(name, fn) for name, fn in methods.items()}, rounds=rounds, warmup=1,
+                             failed=lambda r: isinstance(r, dict))
+            res = run.results
             ours = res["ours"]
             label = f"logp fwd+bwd T={T} {'peaky' if peaky else 'random'}"
             for name, r in res.items():
-                if name == "ours" or isinstance(r, Exception) or isinstance(ours, Exception):
+                if name == "ours" or first_failure(r) or first_failure(ours):
                     continue
-                rows.append(seconds_row(f"{label} time vs {name}", ours[0], r[0], device))
-                rows.append(bytes_row(f"{label} extra mem vs {name}", ours[1], r[1], device))
+                rows.append(seconds_row(f"{label} time vs {name}", [x[0] for x in ours], [x[0] for x in r], device, run))
+                rows.append(bytes_row(f"{label} extra mem vs {name}", [x[1] for x in ours], [x[1] for x in r], device,
+                                      run))
     return rows
 
 
@@ -273,13 +300,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small CPU shapes (~1 minute on 2 cores)")
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None, help="timed steps per process after its warm-up step")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating processes per method (pairs per ratio)")
     parser.add_argument("--gpu-out", default="bench/kernels_gpu.md", help="markdown file for the GPU table")
     args = parser.parse_args(argv)
-    rows = cpu_rows(args.quick, args.reps)
+    rows = cpu_rows(args.quick, args.reps, rounds=args.rounds)
     print(markdown_table(rows))
     if torch.cuda.is_available():
-        g_rows = gpu_rows()
+        g_rows = gpu_rows(rounds=args.rounds)
         table = markdown_table(g_rows)
         print()
         print(table)

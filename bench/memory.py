@@ -9,7 +9,9 @@ vocab 1024; `--quick`: the `tiny` preset); ours runs the Qwen2.5-VL preset itsel
 completion tokens (8 sequences, 2048 tokens); ours packs them into two rows of 1024 tokens. LoRA rank 16 on
 q/k/v/o/gate/up/down_proj on both sides; AdamW; fp32.
 
-Measured, each variant in a fresh subprocess: peak RSS growth over the RSS right after the imports, during the
+Measured, each run of a variant in a fresh subprocess, ours and the peer alternating for `rounds` rounds per pair
+(bench/_common.py `interleave`; the ratio is the median of the per-round ratios with their min-max; memory is
+nearly deterministic, so the spread mostly shows allocator and thread-pool variation): peak RSS growth over the RSS right after the imports, during the
 training part of a step (forward, backward, optimizer step) -- for TRL the high-water mark is reset when
 `compute_loss` starts, so its generation (KV cache) is excluded, like our rollout phase. Two steps, the max kept
 (the second step runs with AdamW moments alive). glibc's mmap threshold is fixed (see deepeyesv2.memory_probe)
@@ -25,7 +27,7 @@ import argparse
 import sys
 import tempfile
 
-from bench._common import bytes_row, failed_row, reset_peak_rss, rss_kib, run_worker, serve_worker
+from bench._common import bytes_row, failed_row, first_failure, interleave, reset_peak_rss, rss_kib, run_worker, serve_worker
 from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 PROMPTS, GROUP, PROMPT_TOKENS, COMPLETION = 2, 4, 64, 192
@@ -103,21 +105,32 @@ def _run(kind: str, variant: str, preset: str) -> dict:
                       describe_error=lambda text: text[-800:])
 
 
-def rows(quick: bool = False, verbose: bool = True) -> list[dict]:
+def rows(quick: bool = False, verbose: bool = True, rounds: int = 2) -> list[dict]:
+    """Per pair, ours and the peer alternate, `rounds` fresh processes each (no warm-up process: each worker runs
+    two steps and keeps the max, and memory needs no warm cache)."""
     preset = "tiny" if quick else "small"
     device = (f"CPU x2 threads, fp32, {preset} text sizes, {PROMPTS}x{GROUP} sequences of {PROMPT_TOKENS}+{COMPLETION} "
               f"tokens, LoRA r={LORA_RANK}; peer = TRL GRPOTrainer on Qwen2ForCausalLM of the same sizes")
     out = []
     for mode, peer_variant, label in PAIRS:
-        ours = _run("ours", mode, preset)
-        peer = _run("trl", peer_variant, preset)
-        if verbose:
-            print(f"  {mode:18s} ours {ours}\n  {peer_variant:18s} peer {peer}", file=sys.stderr, flush=True)
-        if "error" in ours or "error" in peer:
-            out.append(failed_row(f"RL step peak RSS growth, {label}", ours, peer, device, error_chars=200))
+        def side(kind: str, variant: str):
+            def call():
+                res = _run(kind, variant, preset)
+                if verbose:
+                    print(f"  {variant:18s} {kind} {res}", file=sys.stderr, flush=True)
+                return res
+            return call
+
+        run = interleave({"ours": side("ours", mode), "peer": side("trl", peer_variant)}, rounds=rounds, warmup=0,
+                         failed=lambda r: "error" in r)
+        ours, peer = run.results["ours"], run.results["peer"]
+        fo, fp = first_failure(ours), first_failure(peer)
+        if fo or fp:
+            out.append(failed_row(f"RL step peak RSS growth, {label}", fo or {}, fp or {}, device, error_chars=200))
             continue
         out.append(bytes_row(f"RL step peak RSS growth, {label} (ours {mode} vs {peer_variant})",
-                             ours["peak_growth_bytes"], peer["peak_growth_bytes"], device))
+                             [r["peak_growth_bytes"] for r in ours], [r["peak_growth_bytes"] for r in peer], device,
+                             run, f"{rounds} alternating processes per side"))
     return out
 
 
@@ -125,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     if serve_worker(argv, lambda kind, p: (_trl_worker if kind == "trl" else _ours_worker)(p["variant"], p["preset"])):
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (a minute or two)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a few minutes)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating processes per side (pairs per ratio)")
     args = ap.parse_args(argv)
-    print(markdown_table(rows(args.quick)))
+    print(markdown_table(rows(args.quick, rounds=args.rounds)))
 
 
 if __name__ == "__main__":

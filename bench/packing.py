@@ -3,7 +3,9 @@
     python -m bench.packing [--quick]
 
 Lengths are drawn log-normally between 64 and 4096 tokens; a third of the samples carry an image.
-Both paths run the same samples in the same process; the ratio is ours (packed) / peer (padded).
+Both paths run the same samples in the same process, alternately (bench/_common.py `interleave`: a warm-up pass
+each, then packed, padded, packed, padded ... for `rounds` rounds); the tokens/s ratio ours (packed) / peer (padded)
+is the median of the per-round ratios with their min-max. The padding waste is a count, the same in every run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._common import render_table
+from bench._common import exact_row, interleave, load_cell, paired_row, ratio_cell, render_table
 from deepeyesv2.logprobs import packed_logprobs
 from deepeyesv2.model import build_model
 from deepeyesv2.packing import Sample, first_fit_decreasing, pack
@@ -65,7 +67,7 @@ def packed_step(model, rows) -> None:
         (-logp.sum() / max(1, int(row.loss_mask.sum()))).backward()
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, rounds: int = 3) -> list[dict]:
     torch.manual_seed(0)
     model, proc = build_model()
     n, budget, batch = (24, 4096, 4) if quick else (60, 8192, 4)
@@ -80,39 +82,46 @@ def run(quick: bool = False) -> list[dict]:
     pad_slots = sum(len(g) * max(len(s) for s in g) for g in groups)
     pad_waste = 1 - total / pad_slots
 
-    def timed(fn, reps: int = 3) -> float:
-        fn()  # warm-up: first-call allocations and lazy imports are not what we measure
-        times = []
-        for _ in range(reps):
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-
-    # Padded batches need the stock attention path (its mask), so swap the implementation for the peer.
+    # Padded batches need the stock attention path (its mask), so each padded pass swaps the implementation in and
+    # back out: the packed pass right after it must run our varlen path again.
     varlen = model.config.text_config._attn_implementation
-    t_pack = timed(lambda: packed_step(model, rows))
-    model.config.text_config._attn_implementation = "sdpa"
-    t_pad = timed(lambda: [padded_step(model, g, proc.pad_id) for g in groups])
-    model.config.text_config._attn_implementation = varlen
+
+    def timed(fn, attn: str):
+        def call() -> float:
+            model.zero_grad(set_to_none=True)
+            model.config.text_config._attn_implementation = attn
+            try:
+                t0 = time.perf_counter()
+                fn()
+                return time.perf_counter() - t0
+            finally:
+                model.config.text_config._attn_implementation = varlen
+        return call
+
+    # warm-up pass each: first-call allocations and lazy imports are not what we measure
+    run = interleave({"ours": timed(lambda: packed_step(model, rows), varlen),
+                      "peer": timed(lambda: [padded_step(model, g, proc.pad_id) for g in groups], "sdpa")},
+                     rounds=rounds, warmup=1)
+    t_pack, t_pad = run.results["ours"], run.results["peer"]
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)
     rows_out = [
-        {"benchmark": "padding waste (fraction of slots)", "ours": round(pack_waste, 4), "peer": round(pad_waste, 4),
-         "ratio": round(pack_waste / pad_waste, 3) if pad_waste else float("nan"), "device": device,
-         "note": f"FFD into {budget}-token rows vs padded batches of {batch}"},
-        {"benchmark": "fwd+bwd tokens/s, tiny Qwen2.5-VL", "ours": round(total / t_pack), "peer": round(total / t_pad),
-         "ratio": round(t_pad / t_pack, 2), "device": device, "note": f"{n} samples, {total} tokens, 1/3 with images"},
+        exact_row("padding waste (fraction of slots)", round(pack_waste, 4), round(pad_waste, 4), device,
+                  f"FFD into {budget}-token rows vs padded batches of {batch}"),
+        paired_row("fwd+bwd tokens/s, tiny Qwen2.5-VL", [total / t for t in t_pack], [total / t for t in t_pad],
+                   round, device, run, f"{n} samples, {total} tokens, 1/3 with images; {rounds} alternating passes each"),
     ]
     return rows_out
 
 
 def print_table(rows: list[dict]) -> None:
     print(render_table(rows, [("benchmark", "benchmark"), ("ours", "ours"), ("peer", "peer"),
-                              ("ratio (ours/peer)", "ratio"), ("device", "device"), ("note", lambda r: r.get("note", ""))]))
+                              ("ours/peer (min-max)", ratio_cell), ("load before->after", load_cell),
+                              ("device", "device"), ("note", lambda r: r.get("note", ""))]))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    print_table(run(ap.parse_args().quick))
+    ap.add_argument("--rounds", type=int, default=3, help="alternating passes per side (pairs per ratio)")
+    args = ap.parse_args()
+    print_table(run(args.quick, args.rounds))

@@ -3,10 +3,12 @@
     python -m bench.rollout [--quick]
 
 A scripted policy (deterministic; each sample crops a different region and searches a different query,
-so samples diverge after the prompt like sampled ones do) runs through the real tools twice in one
-process: EmbeddedEngine with the radix prefix cache ("ours") and with it disabled ("peer": every turn
-re-prefills the whole context, what a cache-less HF generate loop does). Both runs must give identical
-trajectories; the table reports prefilled tokens and engine / episode wall time.
+so samples diverge after the prompt like sampled ones do) runs through the real tools in one process:
+EmbeddedEngine with the radix prefix cache ("ours") and with it disabled ("peer": every turn re-prefills the
+whole context, what a cache-less HF generate loop does). The two alternate (bench/_common.py `interleave`: a
+warm-up run each, then ours, peer, ours, peer ... for `rounds` rounds), each run on a fresh engine (an empty
+cache). Every run must give identical trajectories; the table reports prefilled tokens (a count, the same in
+every run) and engine / episode wall time (ratio ours / peer: the median of the per-round ratios, with min-max).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._common import render_table
+from bench._common import exact_row, fmt_seconds, interleave, load_cell, paired_row, ratio_cell, render_table
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2_rollout.engine import EmbeddedEngine, ScriptedEngine
 from deepeyesv2_rollout.episode import EpisodeLimits, Prompt, run_episodes
@@ -64,8 +66,8 @@ def _prompt(size: int) -> Prompt:
                   images=[img], answer="1889", category="search")
 
 
-def run_benchmark(quick: bool = False) -> list[dict]:
-    """Rows: benchmark, ours (prefix cache), peer (no cache), ratio (peer / ours), device."""
+def run_benchmark(quick: bool = False, rounds: int = 3) -> list[dict]:
+    """Rows: benchmark, ours (prefix cache), peer (no cache), ratio (ours / peer), device."""
     torch.manual_seed(0)
     group, size = (4, 224) if quick else (8, 336)
     model, proc = build_model(ModelConfig())
@@ -74,41 +76,53 @@ def run_benchmark(quick: bool = False) -> list[dict]:
     prompt = _prompt(size)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=256, seed=0)
     device = f"cpu ({torch.get_num_threads()} threads)"
-    runs = {}
-    for name, budget in (("peer", 0), ("ours", 1 << 20)):
-        engine = TimedEngine(EmbeddedEngine(model, proc, cache_tokens_budget=budget))
-        t = time.perf_counter()
-        trajs = run_episodes(ScriptedEngine(engine, proc, script), proc, registry, [prompt], group, sampling,
-                             EpisodeLimits(max_turns=3), progress=False)
-        runs[name] = (trajs, engine.stats(), engine.seconds, time.perf_counter() - t)
-    (t_ours, s_ours, e_ours, w_ours), (t_peer, s_peer, e_peer, w_peer) = runs["ours"], runs["peer"]
-    for a, b in zip(t_ours, t_peer):  # the cache must not change a single token or log-prob
-        if a.token_ids != b.token_ids or a.stop_reason != "answer":
-            raise RuntimeError(f"cached and uncached rollouts differ (sample {a.sample_index}: {a.stop_reason})")
-        if max(abs(x - y) for x, y in zip(a.sample_logprobs, b.sample_logprobs)) > 1e-4:
-            raise RuntimeError(f"cached and uncached log-probs differ (sample {a.sample_index})")
-    label = f"G={group} x 3 turns, prompt {t_ours[0].prompt_len} tok, {len(t_ours[0])} tok/traj"
-    saved = 1 - s_ours["tokens_prefilled"] / s_peer["tokens_prefilled"]
+
+    def side(budget: int):
+        def call():
+            engine = TimedEngine(EmbeddedEngine(model, proc, cache_tokens_budget=budget))
+            t = time.perf_counter()
+            trajs = run_episodes(ScriptedEngine(engine, proc, script), proc, registry, [prompt], group, sampling,
+                                 EpisodeLimits(max_turns=3), progress=False)
+            return trajs, engine.stats(), engine.seconds, time.perf_counter() - t
+        return call
+
+    run = interleave({"ours": side(1 << 20), "peer": side(0)}, rounds=rounds, warmup=1)
+    ours, peer = run.results["ours"], run.results["peer"]
+    t_ref = ours[0][0]
+    for trajs, *_ in ours + peer:  # the cache must not change a single token or log-prob, in any run
+        for a, b in zip(t_ref, trajs):
+            if a.token_ids != b.token_ids or b.stop_reason != "answer":
+                raise RuntimeError(f"cached and uncached rollouts differ (sample {b.sample_index}: {b.stop_reason})")
+            if max(abs(x - y) for x, y in zip(a.sample_logprobs, b.sample_logprobs)) > 1e-4:
+                raise RuntimeError(f"cached and uncached log-probs differ (sample {b.sample_index})")
+    prefilled = {name: {r[1]["tokens_prefilled"] for r in runs} for name, runs in (("ours", ours), ("peer", peer))}
+    if any(len(v) != 1 for v in prefilled.values()):  # a count that changes between runs would not be a count
+        raise RuntimeError(f"tokens prefilled differ between identical runs: {prefilled}")
+    p_ours, p_peer = prefilled["ours"].pop(), prefilled["peer"].pop()
+    label = f"G={group} x 3 turns, prompt {t_ref[0].prompt_len} tok, {len(t_ref[0])} tok/traj"
+    note = f"{rounds} alternating runs each after a warm-up run, a fresh engine per run"
     return [
-        dict(benchmark=f"tokens prefilled ({label})", ours=s_ours["tokens_prefilled"], peer=s_peer["tokens_prefilled"],
-             ratio=s_peer["tokens_prefilled"] / s_ours["tokens_prefilled"], device=device),
-        dict(benchmark="prefill saved by prefix cache", ours=f"{saved:.1%}", peer="0%", ratio=None, device=device),
-        dict(benchmark="engine wall time (s)", ours=round(e_ours, 3), peer=round(e_peer, 3), ratio=e_peer / e_ours, device=device),
-        dict(benchmark="episode wall time incl. tools (s)", ours=round(w_ours, 3), peer=round(w_peer, 3), ratio=w_peer / w_ours, device=device),
+        exact_row(f"tokens prefilled ({label})", p_ours, p_peer, device),
+        dict(benchmark="prefill saved by prefix cache", ours=f"{1 - p_ours / p_peer:.1%}", peer="0%", ratio=None,
+             device=device),
+        paired_row("engine wall time", [r[2] for r in ours], [r[2] for r in peer], fmt_seconds, device, run, note),
+        paired_row("episode wall time incl. tools", [r[3] for r in ours], [r[3] for r in peer], fmt_seconds, device,
+                   run, note),
     ]
 
 
 def markdown(rows: list[dict]) -> str:
     return render_table(rows, [("benchmark", "benchmark"), ("ours", "ours"), ("peer (no cache)", "peer"),
-                               ("ratio", lambda r: "" if r["ratio"] is None else f"{r['ratio']:.2f}x"),
+                               ("ours/peer (min-max)", ratio_cell), ("load before->after", load_cell),
                                ("device", "device")])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="G=4 and a smaller image")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs per side (pairs per ratio)")
     args = ap.parse_args()
-    print(markdown(run_benchmark(quick=args.quick)))
+    print(markdown(run_benchmark(quick=args.quick, rounds=args.rounds)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ ours (`deepeyesv2_kernels.fused_logprobs`, no [T, V] logits) vs naive (`hidden @
 
 CPU: fp32, H=256; T = 256..8192 at V=32,768 and V = 4,096..151,936 at T=1,024 (--quick: H=64, T = 512..4096 at
 V=32,768, V = 8,192..131,072 at T=512). GPU: bf16, H=3,584; T = 1k..32k at V=152,064 and V = 32k..256k at T=4,096.
-Each method sweeps its grid in a fresh subprocess. Time: median of 2 runs after a warm-up. Extra memory: what a
+Each method sweeps its grid in a fresh subprocess, and the sweeps alternate ours, naive, ours, naive ... for `rounds`
+rounds (bench/_common.py `interleave`): each row's ratio is the median of the per-round ratios at its point, with
+their min-max; the plot shows each method's median per point. Time: median of 2 runs after a warm-up. Extra memory: what a
 step needs above its inputs and their gradients -- GPU: max_memory_allocated; CPU: peak RSS growth with glibc's
 mmap threshold pinned (MALLOC_MMAP_THRESHOLD_), so that every freed large buffer goes back to the OS and the
 high-water mark, reset before each point, sees only that point. A point that runs out of memory is recorded.
@@ -25,8 +27,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench._common import (REPO_ROOT, fmt_bytes, fmt_seconds, naive_step, render_table, reset_peak_rss, rss_kib,
-                           run_worker, serve_worker, skip_unless_benchmarking)
+from bench._common import (REPO_ROOT, failed_row, fmt_bytes, fmt_seconds, interleave, load_cell, naive_step, paired_row,
+                           ratio_cell, render_table, reset_peak_rss, rss_kib, run_worker, serve_worker,
+                           skip_unless_benchmarking)
 
 METHODS = ("ours", "naive")
 
@@ -180,27 +183,56 @@ def default_png_path() -> str:
     return os.path.join(REPO_ROOT, "bench", "results", f"scaling-{datetime.date.today().isoformat()}-{slug}.png")
 
 
-def rows(quick: bool = False, png: str | None = None, verbose: bool = True) -> list[dict]:
-    """Sweep both methods, write the PNG, return rows (ours vs naive) at the largest T and the largest V."""
+def median_points(sweeps: list[list[dict]]) -> list[dict]:
+    """One result per point from several sweeps of one method: the median seconds and extra bytes over the sweeps
+    where the point ran, or the first error where it failed in any sweep (an OOM is a result for that point)."""
+    out = []
+    for same in zip(*sweeps):
+        err = next((r for r in same if "error" in r), None)
+        if err is not None:
+            out.append(err)
+            continue
+        out.append({**same[0], "seconds": statistics.median(r["seconds"] for r in same),
+                    "extra_bytes": statistics.median(r["extra_bytes"] for r in same)})
+    return out
+
+
+def rows(quick: bool = False, png: str | None = None, verbose: bool = True, rounds: int = 3) -> list[dict]:
+    """Sweep both methods alternately (`rounds` sweeps each, one subprocess per sweep; no warm-up process: each
+    point has its own warm-up run), write the PNG, return rows (ours vs naive) at the largest T and the largest V."""
     grid = GPU if torch.cuda.is_available() else (CPU_QUICK if quick else CPU_FULL)
-    results = []
-    for m in METHODS:
-        results += _run_worker_subprocess(m, grid)
-        if verbose:
-            print(f"  scaling {m}: {len(results)} points", file=sys.stderr, flush=True)
+
+    def side(m: str):
+        def call():
+            out = _run_worker_subprocess(m, grid)
+            if verbose:
+                print(f"  scaling {m}: {sum('error' not in r for r in out)}/{len(out)} points", file=sys.stderr,
+                      flush=True)
+            return out
+        return call
+
+    run = interleave({m: side(m) for m in METHODS}, rounds=rounds, warmup=0)
+    sweeps = run.results
+    results = [r for m in METHODS for r in median_points(sweeps[m])]
     png = plot(results, grid, png or default_png_path())
     device = f"{device_name()}, {grid.dtype}, H={grid.H}"
+    note = f"{rounds} alternating sweeps per method; plot: {os.path.relpath(png, REPO_ROOT)}"
     out = []
     for axis, T, V in (("T", grid.seq_lens[-1], grid.V_for_T), ("V", grid.T_for_V, grid.vocabs[-1])):
-        pick = {r["method"]: r for r in results if r["axis"] == axis and r["T"] == T and r["V"] == V}
-        ours, naive = pick["ours"], pick["naive"]
+        i = points(grid).index((axis, T, V))
+        ours, naive = [sw[i] for sw in sweeps["ours"]], [sw[i] for sw in sweeps["naive"]]
+        e_ours = next((r["error"] for r in ours if "error" in r), None)
+        e_naive = next((r["error"] for r in naive if "error" in r), None)
         for key, what, fmt in (("seconds", "time", fmt_seconds), ("extra_bytes", "extra memory", fmt_bytes)):
-            ok = "error" not in ours and "error" not in naive
-            out.append(dict(benchmark=f"logprob scaling {what} at T={T:,} V={V:,} (ours vs naive)",
-                            ours=fmt(ours[key]) if "error" not in ours else ours["error"],
-                            peer=fmt(naive[key]) if "error" not in naive else naive["error"],
-                            ratio=ours[key] / max(naive[key], 1) if ok else None, device=device,
-                            note=f"plot: {os.path.relpath(png, REPO_ROOT)}", better="lower"))
+            bench = f"logprob scaling {what} at T={T:,} V={V:,} (ours vs naive)"
+            if e_ours or e_naive:
+                row = failed_row(bench, {"error": e_ours} if e_ours else {}, {"error": e_naive} if e_naive else {},
+                                 device)
+                out.append({**row, "note": note, "better": "lower"})
+                continue
+            # floor 1 byte: a naive point that needed no extra memory must not divide by zero (seconds never are 0)
+            out.append(paired_row(bench, [r[key] for r in ours], [r[key] for r in naive], fmt, device, run, note,
+                                  better="lower", floor=1.0 if key == "extra_bytes" else 0.0))
     return out
 
 
@@ -236,11 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="PNG path (default bench/results/scaling-<date>-<device>.png)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating sweeps per method (pairs per ratio)")
     args = parser.parse_args(argv)
-    print(render_table(rows(args.quick, args.out),
+    print(render_table(rows(args.quick, args.out, rounds=args.rounds),
                        [("benchmark", "benchmark"), ("ours", "ours"), ("naive", "peer"),
-                        ("ours/naive", lambda r: "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}"),
-                        ("device", "device")]))
+                        ("ours/naive (min-max)", ratio_cell), ("load before->after", load_cell), ("device", "device")]))
 
 if __name__ == "__main__":
     main()

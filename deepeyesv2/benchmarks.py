@@ -2,10 +2,13 @@
 
 Each benchmark runs in its own subprocess (`python -m deepeyesv2.benchmarks --worker NAME`), so one that crashes,
 runs out of memory or times out becomes a "failed" row and the others still run. Every benchmark returns rows
-{benchmark, ours, peer, ratio, device, note}; here `ratio` is recomputed as ours / peer from the displayed values
-wherever they parse (the bench modules do not all use the same direction) and `better` says whether lower or
-higher wins. The report -- versions, command line, the table -- goes to bench/results/<YYYY-MM-DD>-<device>.md
-and to stdout.
+{benchmark, ours, peer, ratio, device, note}. A measured row comes from interleaved runs (bench/_common.py
+`interleave`: the two sides alternate A B A B after a warm-up each) and also carries ratio_min / ratio_max / noisy /
+load: its ratio is the median of the per-pair ratios ours_i / peer_i, kept as is, and the table prints it with its
+min-max spread, or "noisy" where the spread is over bench/_common.py's NOISY_SPREAD. A row of deterministic counts
+is marked `exact`. Any other row's `ratio` is recomputed as ours / peer from the displayed values wherever they
+parse. `better` says whether lower or higher wins. The report -- versions, command line, load average, the table --
+goes to bench/results/<YYYY-MM-DD>-<device>.md and to stdout.
 
 Benchmarks (bench/<module>.py; --quick uses each one's small setting):
   packing       packed rows vs padded batches: padding waste, fwd+bwd tokens/s (tiny Qwen2.5-VL)
@@ -35,6 +38,9 @@ from importlib import metadata
 from pathlib import Path
 
 ROW_KEYS = ("benchmark", "ours", "peer", "ratio", "device", "note")
+# keys of an interleaved row (bench/_common.py paired_row) and of a deterministic one (exact_row), kept as given
+PAIRED_KEYS = ("ratio_min", "ratio_max", "noisy", "pairs", "load")
+EXACT_KEY = "exact"
 ROWS_MARKER = "DEEPEYESV2_BENCH_ROWS "
 
 
@@ -90,10 +96,15 @@ def infer_better(benchmark: str) -> str:
     return "?"
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def normalize_rows(rows: list[dict], default_device: str = "") -> list[dict]:
-    """Rows with every key of ROW_KEYS plus `better`; ratio = ours / peer from the displayed values when both parse
-    (else the row's own ratio if finite, else None). A row without a ratio whose peer is 0 or missing is
-    informational ("prefill saved: 62% vs 0%"): it is folded into the previous row's note."""
+    """Rows with every key of ROW_KEYS plus `better`. An interleaved row (it has ratio_min) keeps its ratio, the
+    median of its per-pair ratios, and its PAIRED_KEYS; any other row gets ratio = ours / peer from the displayed
+    values when both parse (else the row's own ratio if finite, else None). A row without a ratio whose peer is 0
+    or missing is informational ("prefill saved: 62% vs 0%"): it is folded into the previous row's note."""
     out: list[dict] = []
     for r in rows:
         if not isinstance(r, dict) or "benchmark" not in r:
@@ -103,11 +114,18 @@ def normalize_rows(rows: list[dict], default_device: str = "") -> list[dict]:
         row["note"] = row["note"] or ""
         row["better"] = r.get("better") or infer_better(str(row["benchmark"]))
         a, b = parse_value(row["ours"]), parse_value(row["peer"])
+        if "ratio_min" in r:
+            row.update({k: r.get(k) for k in PAIRED_KEYS})
+            row["ratio"] = float(r["ratio"]) if _finite(r["ratio"]) else None
+            out.append(row)
+            continue
+        if r.get(EXACT_KEY):
+            row[EXACT_KEY] = True
         if a is not None and b:
             row["ratio"] = a / b
         else:
             given = row["ratio"]
-            row["ratio"] = float(given) if isinstance(given, (int, float)) and math.isfinite(given) else None
+            row["ratio"] = float(given) if _finite(given) else None
         if row["ratio"] is None and a is not None and not b and out:
             prev = out[-1]
             prev["note"] = "; ".join(x for x in (prev["note"], f"{row['benchmark']}: {row['ours']} vs {row['peer']}") if x)
@@ -129,13 +147,35 @@ def _cell(v) -> str:
     return str(v).replace("|", "/").replace("\n", " ")
 
 
+def ratio_cell(row: dict) -> str:
+    """The ratio as printed: "0.934 (0.901-0.972)" (median of the pair ratios, their min-max), "noisy
+    (0.61-1.40)" where the pairs spread over the bound (no ratio is claimed then), "0.439 (exact)" for
+    deterministic counts, "0.500 (single run)" for a row not measured interleaved, "n/a" without a ratio."""
+    ratio = row.get("ratio")
+    if not _finite(ratio):
+        return "n/a"
+    if "ratio_min" in row:
+        lo, hi = row["ratio_min"], row["ratio_max"]
+        if row.get("noisy"):
+            return f"noisy ({lo:.3g}-{hi:.3g})"
+        return f"{ratio:.3f} ({lo:.3f}-{hi:.3f})"
+    return f"{ratio:.3f} ({'exact' if row.get(EXACT_KEY) else 'single run'})"
+
+
+def load_cell(row: dict) -> str:
+    """The 1-minute load average before -> after an interleaved row's runs ("7.9->8.3"), "-" for other rows."""
+    load = row.get("load")
+    if not load:
+        return "-"
+    return "->".join(f"{x:.1f}" for x in load)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| group | benchmark | ours | peer | ours/peer | better | device | note |", "|---" * 8 + "|"]
+    lines = ["| group | benchmark | ours | peer | ours/peer (min-max) | better | load | device | note |", "|---" * 9 + "|"]
     for r in rows:
-        ratio = "n/a" if r.get("ratio") is None else f"{r['ratio']:.3f}"
         lines.append("| " + " | ".join([_cell(r.get("group", "")), _cell(r["benchmark"]), _cell(r["ours"]),
-                                          _cell(r["peer"]), ratio, _cell(r.get("better", "?")), _cell(r["device"]),
-                                          _cell(r.get("note", ""))]) + " |")
+                                          _cell(r["peer"]), ratio_cell(r), _cell(r.get("better", "?")), load_cell(r),
+                                          _cell(r["device"]), _cell(r.get("note", ""))]) + " |")
     return "\n".join(lines)
 
 
@@ -228,14 +268,19 @@ def select(only: str | None, cuda: bool) -> list[BenchSpec]:
 
 
 def report(rows: list[dict], *, date: str, device: str, command: str, quick: bool, timings: dict[str, float],
-           vers: dict[str, str]) -> str:
-    load = ""
-    if hasattr(os, "getloadavg"):
-        load = f", load average at the end {os.getloadavg()[0]:.1f}"
+           vers: dict[str, str], load: tuple[float, float]) -> str:
+    """The markdown report; `load` = the 1-minute load average before the first and after the last benchmark."""
+    bound = import_bench("bench._common").NOISY_SPREAD
     lines = [f"# deepeyesv2 bench -- {date} -- {device}", "",
              f"Command: `{command}` ({'quick' if quick else 'full'} settings)", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs{load}. ratio = ours / peer; `better` says which "
-             "direction wins. Each benchmark ran in its own subprocess; CPU timings on a shared machine are noisy.", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, 1-minute load average {load[0]:.1f} before the "
+             f"first benchmark, {load[1]:.1f} after the last.", "",
+             "ratio = ours / peer, measured interleaved: the two sides ran alternately (A B A B ..., after a warm-up "
+             "each; where memory is measured each run is a fresh process), and the ratio is the median of the "
+             "per-pair ratios with their min-max in brackets. Where max/min of the pair ratios is over "
+             f"{bound} (bench/_common.py NOISY_SPREAD) the load moved too much within the pairs and the cell says "
+             "`noisy` instead of a ratio. `exact`: deterministic counts. load = 1-minute load average before -> "
+             "after the row's runs. `better` says which direction wins. Each benchmark ran in its own subprocess.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), "",
              markdown_table(rows), "",
              "Wall time per benchmark: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), ""]
@@ -296,10 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepeyesv2 bench: {e}", file=sys.stderr)
         return 2
     timeout = args.timeout or (900.0 if args.quick else 7200.0)
+    load_before = import_bench("bench._common").load_average()
     rows, timings = run_benchmarks(specs, args.quick, timeout, args.integrations_full)
+    load = (load_before, import_bench("bench._common").load_average())
     date, device = datetime.date.today().isoformat(), device_label()
     text = report(rows, date=date, device=device, command=" ".join(["deepeyesv2", "bench", *argv]), quick=args.quick,
-                  timings=timings, vers=versions())
+                  timings=timings, vers=versions(), load=load)
     out = Path(args.out) if args.out else root / "bench" / "results" / f"{date}-{device_slug(device)}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -52,15 +52,18 @@ def test_report_table_from_fake_rows():
     for r, g in zip(rows, ("kernels", "kernels", "e2e_grpo")):
         r["group"] = g
     text = B.report(rows, date="2026-01-02", device="cpu-2c", command="deepeyesv2 bench --quick", quick=True,
-                    timings={"kernels": 3.2, "e2e_grpo": 1.0}, vers={"torch": "9.9", "trl": "1.0"})
+                    timings={"kernels": 3.2, "e2e_grpo": 1.0}, vers={"torch": "9.9", "trl": "1.0"}, load=(1.25, 3.5))
     lines = text.splitlines()
     table = [ln for ln in lines if ln.startswith("|")]
-    assert table[0] == "| group | benchmark | ours | peer | ours/peer | better | device | note |"
-    assert len(table) == 2 + 3 and all(ln.count("|") == 9 for ln in table)  # "n|1" was escaped
-    assert table[2].split("|")[5].strip() == "0.500" and table[3].split("|")[5].strip() == "2.000"
+    assert table[0] == "| group | benchmark | ours | peer | ours/peer (min-max) | better | load | device | note |"
+    assert len(table) == 2 + 3 and all(ln.count("|") == 10 for ln in table)  # "n|1" was escaped
+    # rows not measured interleaved say so instead of passing for a paired median
+    assert table[2].split("|")[5].strip() == "0.500 (single run)" and table[3].split("|")[5].strip() == "2.000 (single run)"
     assert "| e2e_grpo | e2e_grpo | failed |" in table[4] and "boom" in table[4]
     assert lines[0] == "# deepeyesv2 bench -- 2026-01-02 -- cpu-2c"
     assert "`deepeyesv2 bench --quick`" in text and "torch 9.9" in text and "kernels 3 s" in text
+    assert "load average 1.2 before the first benchmark, 3.5 after the last" in text
+    assert "noisy" in text and "1.5" in text  # the bound is stated where the table is
 
 
 def test_main_writes_report(tmp_path, monkeypatch, capsys):
@@ -76,7 +79,8 @@ def test_main_writes_report(tmp_path, monkeypatch, capsys):
     assert B.main(["--quick", "--only", "packing,e2e_grpo", "--out", str(out)]) == 0
     assert seen == {"names": ["packing", "e2e_grpo"], "quick": True, "timeout": 900.0}
     text = out.read_text()
-    assert "| packing | t time | 1 | 4 | 0.250 | lower |" in text
+    assert "| packing | t time | 1 | 4 | 0.250 (single run) | lower | - |" in text
+    assert "1-minute load average" in text
     assert "--only packing,e2e_grpo" in text and text in capsys.readouterr().out
     assert B.main(["--only", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
