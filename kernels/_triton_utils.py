@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import os
 from typing import Any, Callable, Iterator
 
 import torch
@@ -24,15 +22,25 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 BACKENDS = ("auto", "triton", "torch")
 
 
+def kernel(fn):
+    """@kernel on every Triton kernel of the package: `triton.jit` at import (the CPU interpreter or the compiler,
+    per TRITON_INTERPRET as triton read it); the plain function where triton is absent (every op then takes its
+    torch path)."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+@kernel
+def _probe():
+    pass
+
+
+# Whether this package's kernels were built by the CPU interpreter: asked of a kernel decorated like them, so the
+# answer is what triton.jit did, not what the environment says now.
+_INTERPRETED = triton is not None and type(_probe).__name__ == "InterpretedFunction"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def jit(fn, interpret: bool):
-    """triton.jit on first use, not at import; `interpret` is part of the cache key only."""
-    del interpret
-    return triton.jit(fn)
+    return _INTERPRETED
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import interpreting, jit, launch, use_triton
+from ._triton_utils import kernel, launch, use_triton
 from .validate import check_same_device
 
 try:  # triton is optional: the torch path works without it
@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover
 NORMS = ("std", "none")  # GRPO's std-normalised advantages, Dr.GRPO's plain centring
 
 
+@kernel
 def _group_advantages_fwd_kernel(
     rewards_ptr, group_ids_ptr, cu_ptr, seq_ids_ptr, mask_ptr,  # inputs
     seq_adv_ptr, token_adv_ptr,  # outputs: [N] fp32, [T] fp32
@@ -97,9 +98,8 @@ def _group_advantages_triton(rewards, group_ids, cu_seqlens, loss_mask, seq_ids,
     if N == 0:
         return seq_adv, None if token_adv is None else token_adv.zero_()
     has_tokens = cu_seqlens is not None and S > 0
-    kernel = jit(_group_advantages_fwd_kernel, interpreting())
     launch(
-        kernel, (max(N, S),),
+        _group_advantages_fwd_kernel, (max(N, S),),
         rewards.contiguous(), group_ids.contiguous(),
         cu_seqlens if has_tokens else group_ids, seq_ids if has_tokens else group_ids,
         loss_mask.contiguous().view(torch.uint8) if loss_mask is not None else group_ids,

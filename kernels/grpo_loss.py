@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import interpreting, jit, launch, use_triton
+from ._triton_utils import kernel, launch, use_triton
 from .grpo_terms import KL_ESTIMATORS, seq_denominators, token_terms
 from .validate import shape_of, validate_grpo_inputs
 
@@ -35,6 +35,7 @@ _LOSS, _COUNT, _CLIP, _APPROX_KL, _KL, _ENT, _RATIO = range(7)
 _N_STATS = 8
 
 
+@kernel
 def _grpo_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, cu_ptr,  # inputs
     dlogp_ptr, stats_ptr,  # outputs: [T] fp32, [S, N_STATS] fp32
@@ -122,6 +123,7 @@ def _grpo_loss_fwd_kernel(
     tl.store(p_stats + 6, tl.sum(acc_ratio, axis=0))
 
 
+@kernel
 def _grpo_loss_bwd_kernel(
     dlogp_ptr, mask_ptr, cu_ptr, weight_ptr, grad_out_ptr,  # inputs
     dlogp_out_ptr, dent_out_ptr,  # outputs [T] in the dtypes of logprobs / entropy
@@ -170,8 +172,6 @@ class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs, old_logprobs, advantages, loss_mask, cu_seqlens, ref_logprobs, entropy,
                 clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_agg, num_tokens, entropy_coef):
-        interp = interpreting()
-        fwd = jit(_grpo_loss_fwd_kernel, interp)
         T = logprobs.shape[0]
         S = cu_seqlens.shape[0] - 1
         mask_u8 = loss_mask.contiguous().view(torch.uint8)
@@ -181,7 +181,7 @@ class GRPOLossFunction(torch.autograd.Function):
         stats = torch.zeros(S, _N_STATS, dtype=torch.float32, device=logprobs.device)
         if S > 0:
             launch(
-                fwd, (S,),
+                _grpo_loss_fwd_kernel, (S,),
                 logprobs, old_logprobs, advantages, mask_u8,
                 ref_logprobs if has_kl else logprobs, entropy if has_ent else logprobs, cu_seqlens,
                 dlogp, stats,
@@ -202,14 +202,13 @@ class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         dlogp, mask_u8, cu_seqlens, weights = ctx.saved_tensors
-        bwd = jit(_grpo_loss_bwd_kernel, interpreting())
         S = cu_seqlens.shape[0] - 1
         ent_grad = ctx.ent_dtype is not None and ctx.needs_input_grad[6]
         grad_logp = torch.zeros(dlogp.shape, dtype=ctx.logp_dtype, device=dlogp.device)
         grad_ent = torch.zeros(dlogp.shape, dtype=ctx.ent_dtype, device=dlogp.device) if ent_grad else None
         if S > 0:
             launch(
-                bwd, (S,),
+                _grpo_loss_bwd_kernel, (S,),
                 dlogp, mask_u8, cu_seqlens, weights, grad_loss.float().contiguous(),
                 grad_logp, grad_ent if ent_grad else grad_logp, ctx.entropy_coef,
                 HAS_ENT_GRAD=ent_grad, BLOCK=1024,

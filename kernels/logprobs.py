@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import gpu_arch, launch, use_triton
+from ._triton_utils import gpu_arch, interpreting, kernel, launch, use_triton
 from .logprobs_torch import chunked_logprobs, finish_forward, own_precision, upstream_grads, valid_tokens
 from .validate import validate_logprobs_inputs
 
@@ -40,180 +40,176 @@ GPU_CHUNK_BYTES = 600 * 2**20
 FUSED_CHUNK_BYTES = 900 * 2**20
 
 
-def _interpret() -> bool:
-    """True when the kernels below were built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import time)."""
-    return triton is not None and type(_logprobs_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 # Logit of a column past the vocab end: exp(_MASKED_LOGIT - max) == 0 for any real max, unlike -inf it is finite.
 _MASKED_LOGIT = -3.0e38
 
 if triton is not None:
     _MASKED_LOGIT = tl.constexpr(_MASKED_LOGIT)
 
-    @triton.jit
-    def _logits_tile(
-        p_hidden, p_weight, p_bias, o_t64, m_t, o_v, m_v, H, stride_h, stride_w, inv_temp,
-        HAS_BIAS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_V: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-    ):
-        # [BLOCK_T, BLOCK_V] fp32 (hidden @ weight^T + bias) / temperature of one tile, K-looped over H.
-        o_v64 = o_v.to(tl.int64)
-        b_acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            o_h = h0 + tl.arange(0, BLOCK_H)
-            m_h = o_h < H
-            # [BLOCK_T, BLOCK_H]
-            b_h = tl.load(p_hidden + o_t64[:, None] * stride_h + o_h[None, :], mask=m_t[:, None] & m_h[None, :], other=0.0)
-            # [BLOCK_V, BLOCK_H]
-            b_w = tl.load(p_weight + o_v64[:, None] * stride_w + o_h[None, :], mask=m_v[:, None] & m_h[None, :], other=0.0)
-            if DOT_UPCAST:
-                b_h = b_h.to(tl.float32)
-                b_w = b_w.to(tl.float32)
-            b_acc = tl.dot(b_h, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            b_acc += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-        return b_acc * inv_temp
 
-    @triton.jit
-    def _logprobs_fwd_kernel(
-        p_hidden,  # [T, H]
-        p_weight,  # [V, H]
-        p_bias,  # [V] (dummy when HAS_BIAS is False)
-        p_targets,  # [T] int64
-        p_max,  # [S, T] fp32 partial running max
-        p_sum,  # [S, T] fp32 partial sum exp(z - max)
-        p_zexp,  # [S, T] fp32 partial sum exp(z - max) * z
-        p_ztgt,  # [S, T] fp32 partial target logit (0 where the target is outside the split)
-        p_logits,  # [T, V] fp32 (dummy unless STORE_LOGITS)
-        T,
-        V,
-        H,
-        stride_h,
-        stride_w,
-        stride_logits,
-        inv_temp,
-        NUM_SPLITS,
-        HAS_BIAS: tl.constexpr,
-        COMPUTE_ENTROPY: tl.constexpr,
-        STORE_LOGITS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_V: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-    ):
-        i_t = tl.program_id(0)
-        i_s = tl.program_id(1)
-        o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        m_t = o_t < T
-        o_t64 = o_t.to(tl.int64)
-        # [BLOCK_T]
-        b_tgt = tl.load(p_targets + o_t, mask=m_t, other=-1)
-        # Each split covers a whole number of vocab blocks, so only the last block of the last split is ragged.
-        v_per_split = tl.cdiv(tl.cdiv(V, NUM_SPLITS), BLOCK_V) * BLOCK_V
-        v_start = i_s * v_per_split
-        v_end = tl.minimum(v_start + v_per_split, V)
+@kernel
+def _logits_tile(
+    p_hidden, p_weight, p_bias, o_t64, m_t, o_v, m_v, H, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # [BLOCK_T, BLOCK_V] fp32 (hidden @ weight^T + bias) / temperature of one tile, K-looped over H.
+    o_v64 = o_v.to(tl.int64)
+    b_acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        o_h = h0 + tl.arange(0, BLOCK_H)
+        m_h = o_h < H
+        # [BLOCK_T, BLOCK_H]
+        b_h = tl.load(p_hidden + o_t64[:, None] * stride_h + o_h[None, :], mask=m_t[:, None] & m_h[None, :], other=0.0)
+        # [BLOCK_V, BLOCK_H]
+        b_w = tl.load(p_weight + o_v64[:, None] * stride_w + o_h[None, :], mask=m_v[:, None] & m_h[None, :], other=0.0)
+        if DOT_UPCAST:
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        b_acc = tl.dot(b_h, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b_acc += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    return b_acc * inv_temp
 
-        b_max = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-        b_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
-        b_zexp = tl.zeros([BLOCK_T], dtype=tl.float32)
-        b_ztgt = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for v0 in range(v_start, v_end, BLOCK_V):
-            o_v = v0 + tl.arange(0, BLOCK_V)
-            m_v = o_v < v_end
-            b_z = _logits_tile(p_hidden, p_weight, p_bias, o_t64, m_t, o_v, m_v, H, stride_h, stride_w, inv_temp,
-                               HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
-            if STORE_LOGITS:
-                tl.store(p_logits + o_t64[:, None] * stride_logits + o_v[None, :], b_z, mask=m_t[:, None] & m_v[None, :])
-            # Online log-sum-exp: rescale the running sums whenever the running max grows. Columns past the vocab
-            # end (last block only) get a finite floor rather than -inf: exp() of it is exactly 0, so they drop out
-            # of every sum bit for bit, and p * z stays 0 without a second masked copy of the tile (0 * -inf = NaN),
-            # which would be 64 more live registers per thread at a 128 x 128 tile.
-            b_z = tl.where(m_v[None, :], b_z, _MASKED_LOGIT)
-            b_new_max = tl.maximum(b_max, tl.max(b_z, axis=1))
-            b_scale = tl.exp(b_max - b_new_max)
-            b_p = tl.exp(b_z - b_new_max[:, None])
-            b_sum = b_sum * b_scale + tl.sum(b_p, axis=1)
-            if COMPUTE_ENTROPY:
-                b_zexp = b_zexp * b_scale + tl.sum(b_p * b_z, axis=1)
-            b_ztgt += tl.sum(tl.where(o_v[None, :] == b_tgt[:, None], b_z, 0.0), axis=1)
-            b_max = b_new_max
-        o_out = i_s * T + o_t
-        tl.store(p_max + o_out, b_max, mask=m_t)
-        tl.store(p_sum + o_out, b_sum, mask=m_t)
-        tl.store(p_zexp + o_out, b_zexp, mask=m_t)
-        tl.store(p_ztgt + o_out, b_ztgt, mask=m_t)
+@kernel
+def _logprobs_fwd_kernel(
+    p_hidden,  # [T, H]
+    p_weight,  # [V, H]
+    p_bias,  # [V] (dummy when HAS_BIAS is False)
+    p_targets,  # [T] int64
+    p_max,  # [S, T] fp32 partial running max
+    p_sum,  # [S, T] fp32 partial sum exp(z - max)
+    p_zexp,  # [S, T] fp32 partial sum exp(z - max) * z
+    p_ztgt,  # [S, T] fp32 partial target logit (0 where the target is outside the split)
+    p_logits,  # [T, V] fp32 (dummy unless STORE_LOGITS)
+    T,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    stride_logits,
+    inv_temp,
+    NUM_SPLITS,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < T
+    o_t64 = o_t.to(tl.int64)
+    # [BLOCK_T]
+    b_tgt = tl.load(p_targets + o_t, mask=m_t, other=-1)
+    # Each split covers a whole number of vocab blocks, so only the last block of the last split is ragged.
+    v_per_split = tl.cdiv(tl.cdiv(V, NUM_SPLITS), BLOCK_V) * BLOCK_V
+    v_start = i_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
 
-    @triton.jit
-    def _logprobs_dlogits_kernel(
-        p_hidden,  # [T, H] (this chunk's rows)
-        p_weight,  # [V, H]
-        p_bias,  # [V]
-        p_targets,  # [T] int64
-        p_lse,  # [T] fp32
-        p_entropy,  # [T] fp32
-        p_glogp,  # [T] fp32 upstream grad of logp (0 on masked tokens)
-        p_gent,  # [T] fp32 upstream grad of entropy (0 on masked tokens; dummy unless ENTROPY_GRAD)
-        p_dlogits,  # [T, V] out, input dtype
-        p_logits,  # [T, V] fp32 logits / temperature (only read when FROM_LOGITS)
-        T,
-        V,
-        H,
-        stride_h,
-        stride_w,
-        stride_d,
-        stride_logits,
-        inv_temp,
-        HAS_BIAS: tl.constexpr,
-        ENTROPY_GRAD: tl.constexpr,
-        FROM_LOGITS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_V: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-    ):
-        # Token blocks vary fastest, so the programs in flight share one weight tile [BLOCK_V, H] through L2
-        # while the chunk's hidden rows (C x H, a few MiB) stay resident.
-        pid = tl.program_id(0)
-        n_t = tl.cdiv(T, BLOCK_T)
-        i_t = pid % n_t
-        i_v = pid // n_t
-        o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        m_t = o_t < T
-        m_v = o_v < V
-        o_t64 = o_t.to(tl.int64)
-        if FROM_LOGITS:
-            # [BLOCK_T, BLOCK_V] logits stored by the forward kernel (fused loss: no recompute)
-            b_z = tl.load(p_logits + o_t64[:, None] * stride_logits + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        else:
-            b_z = _logits_tile(p_hidden, p_weight, p_bias, o_t64, m_t, o_v, m_v, H, stride_h, stride_w, inv_temp,
-                               HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
-        # [BLOCK_T]
-        b_lse = tl.load(p_lse + o_t, mask=m_t, other=0.0)
-        b_glogp = tl.load(p_glogp + o_t, mask=m_t, other=0.0)
-        b_tgt = tl.load(p_targets + o_t, mask=m_t, other=-1)
-        b_logp = b_z - b_lse[:, None]
-        b_p = tl.exp(b_logp)
-        # d logp / dz = onehot - p
-        b_dz = b_glogp[:, None] * (tl.where(o_v[None, :] == b_tgt[:, None], 1.0, 0.0) - b_p)
-        if ENTROPY_GRAD:
-            # d entropy / dz = -p * (log p + entropy)
-            b_ent = tl.load(p_entropy + o_t, mask=m_t, other=0.0)
-            b_gent = tl.load(p_gent + o_t, mask=m_t, other=0.0)
-            b_dz -= b_gent[:, None] * b_p * (b_logp + b_ent[:, None])
-        b_dz = b_dz * inv_temp
-        tl.store(
-            p_dlogits + o_t64[:, None] * stride_d + o_v[None, :],
-            b_dz.to(p_dlogits.dtype.element_ty),
-            mask=m_t[:, None] & m_v[None, :],
-        )
+    b_max = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    b_zexp = tl.zeros([BLOCK_T], dtype=tl.float32)
+    b_ztgt = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < v_end
+        b_z = _logits_tile(p_hidden, p_weight, p_bias, o_t64, m_t, o_v, m_v, H, stride_h, stride_w, inv_temp,
+                           HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
+        if STORE_LOGITS:
+            tl.store(p_logits + o_t64[:, None] * stride_logits + o_v[None, :], b_z, mask=m_t[:, None] & m_v[None, :])
+        # Online log-sum-exp: rescale the running sums whenever the running max grows. Columns past the vocab
+        # end (last block only) get a finite floor rather than -inf: exp() of it is exactly 0, so they drop out
+        # of every sum bit for bit, and p * z stays 0 without a second masked copy of the tile (0 * -inf = NaN),
+        # which would be 64 more live registers per thread at a 128 x 128 tile.
+        b_z = tl.where(m_v[None, :], b_z, _MASKED_LOGIT)
+        b_new_max = tl.maximum(b_max, tl.max(b_z, axis=1))
+        b_scale = tl.exp(b_max - b_new_max)
+        b_p = tl.exp(b_z - b_new_max[:, None])
+        b_sum = b_sum * b_scale + tl.sum(b_p, axis=1)
+        if COMPUTE_ENTROPY:
+            b_zexp = b_zexp * b_scale + tl.sum(b_p * b_z, axis=1)
+        b_ztgt += tl.sum(tl.where(o_v[None, :] == b_tgt[:, None], b_z, 0.0), axis=1)
+        b_max = b_new_max
+    o_out = i_s * T + o_t
+    tl.store(p_max + o_out, b_max, mask=m_t)
+    tl.store(p_sum + o_out, b_sum, mask=m_t)
+    tl.store(p_zexp + o_out, b_zexp, mask=m_t)
+    tl.store(p_ztgt + o_out, b_ztgt, mask=m_t)
+
+@kernel
+def _logprobs_dlogits_kernel(
+    p_hidden,  # [T, H] (this chunk's rows)
+    p_weight,  # [V, H]
+    p_bias,  # [V]
+    p_targets,  # [T] int64
+    p_lse,  # [T] fp32
+    p_entropy,  # [T] fp32
+    p_glogp,  # [T] fp32 upstream grad of logp (0 on masked tokens)
+    p_gent,  # [T] fp32 upstream grad of entropy (0 on masked tokens; dummy unless ENTROPY_GRAD)
+    p_dlogits,  # [T, V] out, input dtype
+    p_logits,  # [T, V] fp32 logits / temperature (only read when FROM_LOGITS)
+    T,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    stride_d,
+    stride_logits,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    ENTROPY_GRAD: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # Token blocks vary fastest, so the programs in flight share one weight tile [BLOCK_V, H] through L2
+    # while the chunk's hidden rows (C x H, a few MiB) stay resident.
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(T, BLOCK_T)
+    i_t = pid % n_t
+    i_v = pid // n_t
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_t = o_t < T
+    m_v = o_v < V
+    o_t64 = o_t.to(tl.int64)
+    if FROM_LOGITS:
+        # [BLOCK_T, BLOCK_V] logits stored by the forward kernel (fused loss: no recompute)
+        b_z = tl.load(p_logits + o_t64[:, None] * stride_logits + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    else:
+        b_z = _logits_tile(p_hidden, p_weight, p_bias, o_t64, m_t, o_v, m_v, H, stride_h, stride_w, inv_temp,
+                           HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_T, BLOCK_V, BLOCK_H)
+    # [BLOCK_T]
+    b_lse = tl.load(p_lse + o_t, mask=m_t, other=0.0)
+    b_glogp = tl.load(p_glogp + o_t, mask=m_t, other=0.0)
+    b_tgt = tl.load(p_targets + o_t, mask=m_t, other=-1)
+    b_logp = b_z - b_lse[:, None]
+    b_p = tl.exp(b_logp)
+    # d logp / dz = onehot - p
+    b_dz = b_glogp[:, None] * (tl.where(o_v[None, :] == b_tgt[:, None], 1.0, 0.0) - b_p)
+    if ENTROPY_GRAD:
+        # d entropy / dz = -p * (log p + entropy)
+        b_ent = tl.load(p_entropy + o_t, mask=m_t, other=0.0)
+        b_gent = tl.load(p_gent + o_t, mask=m_t, other=0.0)
+        b_dz -= b_gent[:, None] * b_p * (b_logp + b_ent[:, None])
+    b_dz = b_dz * inv_temp
+    tl.store(
+        p_dlogits + o_t64[:, None] * stride_d + o_v[None, :],
+        b_dz.to(p_dlogits.dtype.element_ty),
+        mask=m_t[:, None] & m_v[None, :],
+    )
 
 
 # Tile configs (BLOCK_T, BLOCK_V, BLOCK_H, num_warps, num_stages) per SM family and product class, chosen with the
@@ -272,7 +268,7 @@ def _dot_args(dtype: torch.dtype) -> dict:
     # The Triton 3.9 interpreter returns garbage for bf16/fp16 tl.dot on CPU, so there the tiles are upcast to
     # fp32 before the product (exact: bf16/fp16 values are representable in fp32); on the GPU they stay 16-bit.
     low = dtype != torch.float32
-    if _interpret():
+    if interpreting():
         return dict(DOT_PRECISION="ieee", DOT_UPCAST=low)
     fp32_fast = torch.get_float32_matmul_precision() != "highest"
     return dict(DOT_PRECISION="tf32" if (low or fp32_fast) else "ieee", DOT_UPCAST=False)

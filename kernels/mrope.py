@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import interpreting, jit, launch, use_triton
+from ._triton_utils import kernel, launch, use_triton
 from .validate import check_same_device
 
 try:  # triton is optional: the torch path works without it
@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover
     tl = None
 
 
+@kernel
 def _mrope_fwd_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, inv_freq_ptr, rows_ptr,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h,
@@ -82,9 +83,8 @@ def _launch(q, k, q_out, k_out, position_ids, inv_freq, rows, scaling, backward)
     HK = k.shape[1]
     if T == 0:
         return
-    kernel = jit(_mrope_fwd_kernel, interpreting())
     launch(
-        kernel, (T,),
+        _mrope_fwd_kernel, (T,),
         q, k, q_out, k_out, position_ids, inv_freq, rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), position_ids.stride(0),

@@ -19,7 +19,7 @@ from deepeyesv2_kernels.linear_grpo import fused_linear_grpo_loss
 from deepeyesv2_kernels.linear_grpo_ref import fused_linear_grpo_loss_ref
 from deepeyesv2_kernels.logprobs import fused_logprobs
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and logprobs_mod._interpret()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and logprobs_mod.interpreting()
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRETED else None)
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="no CUDA and no interpreter: see test_interpreter_subprocess")
 

@@ -20,7 +20,7 @@ from deepeyesv2_kernels import logprobs_torch
 from deepeyesv2_kernels.logprobs import fused_logprobs
 from deepeyesv2_kernels.logprobs_ref import logprobs_ref
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and logprobs_mod._interpret()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and logprobs_mod.interpreting()
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRETED else None)
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="no CUDA and no interpreter: see test_interpreter_subprocess")
 

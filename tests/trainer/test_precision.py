@@ -195,13 +195,13 @@ def test_fp32_kernel_products_follow_torchs_matmul_precision(monkeypatch):
 
     before = torch.get_float32_matmul_precision()
     try:
-        monkeypatch.setattr(lp, "_interpret", lambda: False)  # as compiled for a GPU
+        monkeypatch.setattr(lp, "interpreting", lambda: False)  # as compiled for a GPU
         torch.set_float32_matmul_precision("highest")
         assert lp._dot_args(torch.float32) == {"DOT_PRECISION": "ieee", "DOT_UPCAST": False}
         assert lp._dot_args(torch.bfloat16) == {"DOT_PRECISION": "tf32", "DOT_UPCAST": False}
         torch.set_float32_matmul_precision("high")
         assert lp._dot_args(torch.float32) == {"DOT_PRECISION": "tf32", "DOT_UPCAST": False}
-        monkeypatch.setattr(lp, "_interpret", lambda: True)
+        monkeypatch.setattr(lp, "interpreting", lambda: True)
         assert lp._dot_args(torch.float32) == {"DOT_PRECISION": "ieee", "DOT_UPCAST": False}
         assert lp._dot_args(torch.bfloat16) == {"DOT_PRECISION": "ieee", "DOT_UPCAST": True}
         torch.set_float32_matmul_precision("highest")
