@@ -1,6 +1,6 @@
 """One whole GRPO training step, ours vs TRL's GRPOTrainer (and TRL + Liger), on the same Qwen2.5-VL (CPU or GPU).
 
-    python -m bench.e2e_grpo [--quick] [--steps N] [--only ours,trl,trl-liger]
+    python -m bench.e2e_grpo [--quick] [--steps N] [--rounds N] [--only ours,trl,trl-liger]
                              [--model tiny|DIR] [--engine auto|embedded|sglang] [--trl-vllm auto|on|off]
 
 The same script runs on a GPU machine: with CUDA, ours samples with SGLang (`--engine auto` picks it when
@@ -23,8 +23,8 @@ advantages + log-probs + loss + backward + optimizer step.
              (LigerQwen2_5_VLCausalLMOutputWithPast is not defined): its row says n/a with that reason.
 Each run of a variant is a fresh subprocess: one warm-up step, then the median of `steps` steps. The variants' runs
 alternate (ours, trl, trl-liger, ours, ...) for `rounds` rounds (bench/_common.py `interleave`), and each ratio is
-the median of the per-round ratios ours / peer with their min-max (a variant that fails is not run again). Generated tokens/s =
-completion tokens / generation seconds; trained tokens/s = completion (loss) tokens / (step - generation)
+the median of the per-round ratios ours / peer with their min-max (a variant that fails is not run again).
+Generated tokens/s = completion tokens / generation seconds; trained tokens/s = completion (loss) tokens / (step - generation)
 seconds; step CPU time = process CPU seconds (all threads), the number to compare on a shared machine, where
 wall time depends on other jobs; peak RSS growth = VmHWM over the steps minus the RSS after setup (model, trainer,
 data built).

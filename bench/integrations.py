@@ -1,6 +1,6 @@
 """TRL GRPOTrainer steps with vs without our kernels (deepeyesv2_kernels.integrations.trl.apply), on CPU.
 
-    python -m bench.integrations [--quick] [--steps N]
+    python -m bench.integrations [--quick] [--steps N] [--rounds N]
 
 A tiny Qwen2 (2 layers) with a large vocabulary -- the part the kernels act on -- and a word-level tokenizer of
 the same size built with `tokenizers` (no download), trained by `trl.GRPOTrainer` (fp32, use_cpu, no vLLM,
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     if serve_worker(argv, lambda variant, setup: _worker(variant, Setup(**setup))):
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="V=32k, 3 steps (~1-2 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="V=32k, 3 steps per process (3 rounds x 2 processes: ~2 minutes on 2 busy cores)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="alternating processes per variant (pairs per ratio)")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Side-by-side timing and memory of our fused log-prob / GRPO kernels against the naive path and peers.
 
-    python -m bench.kernels [--quick] [--reps N] [--gpu-out PATH]
+    python -m bench.kernels [--quick] [--reps N] [--rounds N] [--gpu-out PATH]
 
 CPU (always): T=4096, H=1024, V=151,936 fp32 (--quick: T=1024, H=512, V=32,768), forward + backward w.r.t.
 hidden and weight of
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     if serve_worker(argv, lambda method, p: _cpu_worker(method, Shape(**p["shape"]), p["reps"])):
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small CPU shapes (~1 minute on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="small CPU shapes (3 rounds x 5 processes: ~3 minutes on 2 busy cores)")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per process after its warm-up step")
     parser.add_argument("--rounds", type=int, default=3, help="alternating processes per method (pairs per ratio)")
     parser.add_argument("--gpu-out", default="bench/kernels_gpu.md", help="markdown file for the GPU table")

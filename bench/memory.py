@@ -1,6 +1,6 @@
 """Peak memory of one RL training step on CPU: ours (full FT / LoRA / LoRA + checkpointing + offload) vs TRL.
 
-    python -m bench.memory [--quick]
+    python -m bench.memory [--quick] [--rounds N]
 
 Same architecture on both sides. TRL's GRPOTrainer takes a text model, so the peer runs a Qwen2ForCausalLM with
 exactly the text sizes of our policy (the `small` preset: hidden 1024, 8 layers, 16 heads / 4 KV heads, MLP 2816,
@@ -11,8 +11,8 @@ q/k/v/o/gate/up/down_proj on both sides; AdamW; fp32.
 
 Measured, each run of a variant in a fresh subprocess, ours and the peer alternating for `rounds` rounds per pair
 (bench/_common.py `interleave`; the ratio is the median of the per-round ratios with their min-max; memory is
-nearly deterministic, so the spread mostly shows allocator and thread-pool variation): peak RSS growth over the RSS right after the imports, during the
-training part of a step (forward, backward, optimizer step) -- for TRL the high-water mark is reset when
+nearly deterministic, so the spread mostly shows allocator and thread-pool variation): peak RSS growth over the
+RSS right after the imports, during the training part of a step (forward, backward, optimizer step) -- for TRL the high-water mark is reset when
 `compute_loss` starts, so its generation (KV cache) is excluded, like our rollout phase. Two steps, the max kept
 (the second step runs with AdamW moments alive). glibc's mmap threshold is fixed (see deepeyesv2.memory_probe)
 on both sides. Peer variants: TRL + PEFT for LoRA, TRL + PEFT + gradient_checkpointing for the lean mode, plain

@@ -1,6 +1,6 @@
 """Packing vs naive padded batching: padding waste and forward+backward tokens/s on the tiny model.
 
-    python -m bench.packing [--quick]
+    python -m bench.packing [--quick] [--rounds N]
 
 Lengths are drawn log-normally between 64 and 4096 tokens; a third of the samples carry an image.
 Both paths run the same samples in the same process, alternately (bench/_common.py `interleave`: a warm-up pass

@@ -1,6 +1,6 @@
 """Rollout benchmark: prefix KV reuse vs none, on G samples x 3 tool turns of the tiny model.
 
-    python -m bench.rollout [--quick]
+    python -m bench.rollout [--quick] [--rounds N]
 
 A scripted policy (deterministic; each sample crops a different region and searches a different query,
 so samples diverge after the prompt like sampled ones do) runs through the real tools in one process:

@@ -1,7 +1,7 @@
 """How log-prob (+ entropy) forward + backward scales: time and extra memory vs sequence length and vs vocab size,
 ours (`deepeyesv2_kernels.fused_logprobs`, no [T, V] logits) vs naive (`hidden @ W.T` -> fp32 log_softmax).
 
-    python -m bench.scaling [--quick] [--out PNG]
+    python -m bench.scaling [--quick] [--out PNG] [--rounds N]
 
 CPU: fp32, H=256; T = 256..8192 at V=32,768 and V = 4,096..151,936 at T=1,024 (--quick: H=64, T = 512..4096 at
 V=32,768, V = 8,192..131,072 at T=512). GPU: bf16, H=3,584; T = 1k..32k at V=152,064 and V = 32k..256k at T=4,096.

@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="deepeyesv2 bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small settings: a few minutes on 2 CPU cores")
+    ap.add_argument("--quick", action="store_true",
+                    help="small settings (3 interleaved rounds per ratio): 14 min on 2 shared CPU cores at load 2-10")
     ap.add_argument("--only", default=None, help="comma-separated benchmark names (see the list above)")
     ap.add_argument("--out", default=None, help="report path (default bench/results/<YYYY-MM-DD>-<device>.md)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default 900 quick, 7200 full)")
