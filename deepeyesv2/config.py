@@ -210,7 +210,7 @@ def constraints() -> dict[str, Check]:
         "data.image_root": TEXT,
         "data.max_bad_lines": integer(0),
         "data.max_image_pixels": integer(1),
-        "optim.lr": number(0, lo_open=True),
+        "optim.lr": number(0),  # 0 is a legitimate dry run (rollouts and updates with the weights unchanged)
         "optim.weight_decay": number(0),
         "optim.betas": Check(_betas_ok, "two numbers in [0, 1)"),
         "optim.warmup_steps": integer(0),

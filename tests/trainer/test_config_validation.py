@@ -38,7 +38,7 @@ BAD = [
     (["--train.steps", "-5"], "train.steps=-5: must be an integer >= 1"),
     (["--train.save_every", "0"], "train.save_every=0: must be an integer >= 1"),
     (["--rl.group_size", "1"], "rl.group_size=1: must be an integer >= 2"),
-    (["--optim.lr=-1e-3"], "optim.lr=-0.001: must be a number > 0"),
+    (["--optim.lr=-1e-3"], "optim.lr=-0.001: must be a number >= 0"),
     (["--train.tokens_per_batch", "0"], "train.tokens_per_batch=0: must be an integer >= 1"),
     (["--rl.loss_agg", "foo"], "rl.loss_agg='foo': must be one of 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum'"),
     (["--rollout.top_p", "0"], "rollout.top_p=0"),
