@@ -54,10 +54,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time box, keep the log, pri
   tail -15 "$OUT/$name.log"
 }
 
-step versions 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -m deepeyesv2 info'
-step compile_audit 120 env -u TRITON_INTERPRET python3 -m deepeyesv2_kernels.audit --quick --json "$OUT/audit.json"
-step kernel_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels
-step gpu_trainer_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/trainer/test_precision.py \
+step versions 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -m deepeyesv2 info'
+step compile_audit 80 env -u TRITON_INTERPRET python3 -m deepeyesv2_kernels.audit --quick --json "$OUT/audit.json"
+step kernel_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/kernels
+step gpu_trainer_tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/trainer/test_precision.py \
   tests/rollout/test_engine.py tests/trainer/test_rl_step.py
-step bench_kernels 150 python3 -m bench.kernels --quick --gpu-out "$OUT/kernels_gpu.md"
-step bench_e2e 100 python3 -m bench.e2e_grpo --quick --only ours,trl
+step bench_kernels 150 python3 -m bench.kernels --quick --rounds 2 --gpu-out "$OUT/kernels_gpu.md"
+step bench_e2e 100 python3 -m bench.e2e_grpo --quick --rounds 2 --only ours,trl

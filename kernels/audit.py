@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import multiprocessing
@@ -255,22 +256,39 @@ def _stage_bytes(name: str, cx: dict, signature: dict) -> int:
     return (cx["BLOCK_T"] + cx["BLOCK_V"]) * cx["BLOCK_H"] * elem
 
 
+def _inspect_cache_dir() -> str:
+    # Beside Triton's own kernel cache: a rerun finds both the compiled kernels and what cuobjdump said of them
+    # (cuobjdump is most of a cached rerun's time: ~0.3 s a call).
+    base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return os.path.join(base, "deepeyesv2-audit")
+
+
 def _inspect(cubin: bytes) -> dict:
+    """Registers, spill bytes, LDL/STL and tensor-core instruction counts of a cubin (cached by its sha256)."""
+    cache = os.path.join(_inspect_cache_dir(), hashlib.sha256(cubin).hexdigest() + ".json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    reg = re.search(r"REG:(\d+)", usage)
-    stack = re.search(r"STACK:(\d+)", usage)
-    return dict(
+        out = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", "-sass", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    reg = re.search(r"REG:(\d+)", out)  # resource usage and SASS of the one kernel, in one call
+    stack = re.search(r"STACK:(\d+)", out)
+    res = dict(
         registers=int(reg.group(1)) if reg else 0,
         spill_bytes=int(stack.group(1)) if stack else 0,
-        ldl=len(re.findall(r"\bLDL(?:\.\w+)*\b", sass)),
-        stl=len(re.findall(r"\bSTL(?:\.\w+)*\b", sass)),
-        tensor_core=len(re.findall(r"\b(?:HGMMA|HMMA|UTCHMMA|UTCQMMA|UTCMMA)\b", sass)),
+        ldl=len(re.findall(r"\bLDL(?:\.\w+)*\b", out)),
+        stl=len(re.findall(r"\bSTL(?:\.\w+)*\b", out)),
+        tensor_core=len(re.findall(r"\b(?:HGMMA|HMMA|UTCHMMA|UTCQMMA|UTCMMA)\b", out)),
     )
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f)
+    os.replace(tmp, cache)  # atomic: parallel workers may write the same entry
+    return res
 
 
 # Work items for forked compile workers: (fn, args, kwargs, arch); set before the pool forks, read by index.

@@ -222,10 +222,14 @@ def _logprobs_dlogits_kernel(
 _FWD_TILES = {
     ("sm90", "16"): (128, 128, 64, 8, 4),
     ("sm90", "tf32"): (128, 128, 32, 8, 4),
-    ("sm90", "ieee"): (64, 64, 32, 8, 3),
+    ("sm90", "ieee"): (128, 64, 16, 8, 3),
     ("sm80", "16"): (128, 128, 32, 8, 4),
     ("sm80", "tf32"): (128, 64, 32, 8, 4),
-    ("sm80", "ieee"): (64, 64, 32, 8, 3),
+    ("sm80", "ieee"): (128, 64, 16, 8, 3),
+    # Blackwell (tcgen05): sm_90's 128 x 128 tiles spill 112-128 B there once the logits are stored (fused loss).
+    ("sm100", "16"): (128, 64, 64, 8, 4),
+    ("sm100", "tf32"): (128, 64, 32, 8, 4),
+    ("sm100", "ieee"): (128, 64, 16, 8, 3),
 }
 # Autotune candidates of the recomputing dlogits kernel (M = chunk tokens, N = vocab, K = H): its output never feeds
 # the log-probs, so its tile may vary. Candidates that spill at any flag set are left out (the audit checks).
@@ -238,6 +242,9 @@ _DLOGITS_TILES = {
     ("sm80", "16"): [(128, 128, 32, 8, 4), (64, 256, 32, 8, 3), (128, 64, 64, 8, 4)],
     ("sm80", "tf32"): [(128, 64, 32, 8, 4), (64, 128, 32, 8, 4)],
     ("sm80", "ieee"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3)],
+    ("sm100", "16"): [(128, 128, 64, 8, 4), (64, 256, 64, 8, 4)],
+    ("sm100", "tf32"): [(128, 128, 32, 8, 4), (64, 256, 32, 8, 3)],
+    ("sm100", "ieee"): [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
 }
 # The fused loss's dlogits pass over stored fp32 logits: elementwise, bandwidth-bound, no GEMM.
 _FROM_LOGITS_TILE = (32, 256, 64, 4, 1)
@@ -280,7 +287,8 @@ def _tile_key(arch: int, dtype: torch.dtype) -> tuple[str, str]:
         cls = "16"
     else:
         cls = "tf32" if _dot_args(dtype)["DOT_PRECISION"] == "tf32" else "ieee"
-    return ("sm90" if arch >= 90 else "sm80"), cls
+    family = "sm100" if arch >= 100 else "sm90" if arch >= 90 else "sm80"
+    return family, cls
 
 
 def _fwd_config(device: torch.device, dtype: torch.dtype) -> dict:
