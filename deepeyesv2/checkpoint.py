@@ -332,6 +332,14 @@ def resume_checkpoint(out_dir: str | Path, log: Callable[[str], None] = say) -> 
             dirs = [root / named] + [d for d in dirs if _step_number(d) < n]
     if not dirs and not failed:
         return None
+    if dirs and not any((d / MANIFEST_FILE).exists() for d in _step_dirs(root, complete=False)):
+        # A run saved before checkpoints carried manifests: nothing to verify against. Refusing would strand every
+        # older run, so resume from its newest complete checkpoint and say it is unverified.
+        legacy = next((d for d in dirs if (d / STATE_FILE).is_file()), None)
+        if legacy is not None:
+            log(f"resume: {root} was written without {MANIFEST_FILE} checksums (an older version); resuming from "
+                f"{legacy.name} unverified")
+            return legacy
     for d in dirs:
         why = verify_checkpoint(d)
         if why is None:

@@ -132,7 +132,9 @@ def episode_summaries(groups: list[ScoredGroup]) -> list[dict]:
     """What the step's metrics need of each episode: small plain values (ranks exchange these, not trajectories)."""
     return [{"reward": r.total, "components": dict(r.components), "tool_calls": len(t.tool_calls),
              "tool_ok": sum(c.status == "ok" for c in t.tool_calls), "response_length": int(sum(t.loss_mask)),
-             "num_turns": t.num_turns, "answered": t.stop_reason == "answer"}
+             "num_turns": t.num_turns, "answered": t.stop_reason == "answer",
+             # our side failed (a tool crashed, or decoding / encoding / image processing raised), not the policy
+             "failed": t.stop_reason in ("tool_error", "env_error")}
             for g in groups for t, r in zip(g.trajectories, g.rewards)]
 
 
@@ -149,6 +151,7 @@ def rollout_metrics(groups: list[ScoredGroup], episodes: list[dict] | None = Non
         "response_length": float(np.mean([e["response_length"] for e in eps])),
         "num_turns": float(np.mean([e["num_turns"] for e in eps])),
         "answered_rate": float(np.mean([e["answered"] for e in eps])),
+        "episode_error_rate": float(np.mean([e["failed"] for e in eps])),
     }
     keys = sorted({k for e in eps for k in e["components"]})
     for k in keys:

@@ -72,6 +72,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ._sandbox_worker import _real_uid  # one reading of /proc/PID/status for both sides (stdlib only)
 from .base import ToolResult, error_result
 
 WORKER_SCRIPT = str(Path(__file__).with_name("_sandbox_worker.py"))
@@ -541,17 +542,6 @@ def _uid_processes(uid: int) -> list[int]:
             except (OSError, ValueError, KeyError):
                 pass
     return pids
-
-
-def _real_uid(pid: int) -> int | None:
-    """The real uid from /proc/PID/status: not the owner of /proc/PID, which a process that
-    makes itself non-dumpable turns into root."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            data = f.read()
-        return int(data[data.index(b"\nUid:") + 5:].split(None, 1)[0])
-    except (OSError, ValueError):
-        return None
 
 
 def _pid_ns(pid: int) -> str | None:

@@ -374,3 +374,4 @@ def test_trainer_scores_packs_and_trains_failed_episodes(proc, stage, monkeypatc
     assert math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
     m = rollout_metrics(groups)
     assert m["answered_rate"] == 0.75 and m["reward"] == 0.75
+    assert m["episode_error_rate"] == 0.25  # the failed episode is counted in the step's metrics

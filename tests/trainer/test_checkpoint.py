@@ -335,3 +335,20 @@ def test_damaged_manifest_fails_verification_without_a_traceback(tmp_path, tiny,
     assert verify_checkpoint(path) is not None
     with pytest.raises(CheckpointError, match="no checkpoint in .* verifies: step_000001 fails verification"):
         load_checkpoint(tmp_path, restore_rng=False)
+
+
+def test_a_run_saved_before_manifests_resumes_unverified_with_one_line(tmp_path, capfd):
+    """Checkpoints of an older version carry no manifest.json: the run still resumes, from its newest checkpoint,
+    saying in one line that it is unverified (a run where other checkpoints have manifests still falls back)."""
+    model, proc = build_model(ModelConfig(seed=0))
+    two_checkpoints(tmp_path, model, proc)
+    root = tmp_path / "checkpoints"
+    for d in ("step_000001", "step_000002"):
+        (root / d / "manifest.json").unlink()
+    capfd.readouterr()
+    model2, _ = build_model(ModelConfig(seed=1), processor=proc)
+    opt2, sched2 = build_optimizer(model2, OptimConfig(lr=1e-3), total_steps=10)
+    step, _, _ = load_checkpoint(tmp_path, model2, opt2, sched2)
+    assert step == 2
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("deepeyesv2:")]
+    assert len(lines) == 1 and "unverified" in lines[0] and "step_000002" in lines[0], lines
