@@ -65,10 +65,6 @@ def apply_lora(model, cfg: ModelConfig):
     return wrapped
 
 
-def trainable_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def merged_model(model):
     """A plain Qwen2.5-VL with the adapters folded into the weights, in host memory (a copy made tensor by
     tensor: `model` keeps training, and a checkpoint save never holds a second model on the accelerator)."""

@@ -151,7 +151,3 @@ def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
         max_length_k=batch.max_seqlen,
     )
     return out.last_hidden_state[0]
-
-
-def lm_head_weight(model) -> torch.Tensor:
-    return model.lm_head.weight

@@ -167,14 +167,3 @@ def pack_by_budget(samples: list[Sample], budget: int, image_token_id: int, spat
     """FFD-pack samples into rows of at most `budget` tokens; seq_ids index into `samples`."""
     bins = first_fit_decreasing([len(s) for s in samples], budget, [s.name for s in samples])
     return [pack([samples[i] for i in b], image_token_id, spatial_merge_size, seq_ids=b) for b in bins]
-
-
-def pad_batch(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Naive padded batching, for comparison: input_ids [B, Lmax] and attention_mask [B, Lmax]."""
-    Lmax = max(len(s) for s in samples)
-    ids = torch.full((len(samples), Lmax), pad_id, dtype=torch.long)
-    att = torch.zeros(len(samples), Lmax, dtype=torch.long)
-    for b, s in enumerate(samples):
-        ids[b, : len(s)] = s.input_ids
-        att[b, : len(s)] = 1
-    return ids, att

@@ -196,10 +196,6 @@ class EmbeddedEngine:
     def stats(self) -> dict:
         return dict(self._stats, cache_tokens=self.cache.total_tokens, cache_evicted_tokens=self.cache.evicted_tokens)
 
-    def reset_stats(self) -> None:
-        for k in self._stats:
-            self._stats[k] = 0
-
     @torch.inference_mode()
     def generate(self, requests: list[GenerateRequest], sampling: SamplingParams) -> list[GenerateResult]:
         if not requests:
