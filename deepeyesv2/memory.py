@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from deepeyesv2_rollout.types import logprob_temperature
+
 from .logprobs import packed_logprobs
 from .model import unwrap_model
 from .packing import PackedBatch
@@ -148,7 +150,7 @@ def split_row(row: PackedBatch, token_budget: int, image_token_id: int, spatial_
 def budgeted_logprobs(model, row: PackedBatch, temperature: float = 1.0, token_budget: int = 0) -> torch.Tensor:
     """Log-probs [T] fp32 of row.targets (0 off the loss mask), computed `token_budget` tokens at a time
     (0 = the whole row at once). Equal to `packed_logprobs(model, row)` up to float reassociation."""
-    temperature = temperature if temperature > 0 else 1.0
+    temperature = logprob_temperature(temperature)
     if token_budget <= 0 or row.num_tokens <= token_budget:
         return packed_logprobs(model, row, temperature=temperature)[0]
     cfg = unwrap_model(model).config

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deepeyesv2_kernels import fused_linear_grpo_loss, group_advantages
-from deepeyesv2_rollout.types import Trajectory
+from deepeyesv2_rollout.types import Trajectory, logprob_temperature
 
 from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint, say
 from .config import Config, validate
@@ -185,7 +185,7 @@ def policy_loss(model, row: PackedBatch, adv: torch.Tensor, cfg: Config, num_tok
     return fused_linear_grpo_loss(
         hidden.contiguous(), model.lm_head.weight, row.targets,
         row.token_fields["old_logprobs"], adv, row.loss_mask, row.cu_seqlens, ref_logprobs=ref_lp,
-        temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
+        temperature=logprob_temperature(cfg.rollout.temperature),
         clip_low=cfg.rl.clip_low, clip_high=cfg.rl.clip_high, dual_clip=cfg.rl.dual_clip, kl_coef=cfg.rl.kl_coef,
         kl_estimator=cfg.rl.kl_estimator, loss_agg=cfg.rl.loss_agg, entropy_coef=cfg.rl.entropy_coef,
         num_tokens=num_tokens if cfg.rl.loss_agg == "token-mean" else None,
@@ -207,12 +207,12 @@ def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg
     if cfg.rl.recompute_old_logprobs:
         with full_weights(), autocast():
             for row in rows:
-                row.token_fields["old_logprobs"] = budgeted_logprobs(model, row, cfg.rollout.temperature or 1.0, budget)
+                row.token_fields["old_logprobs"] = budgeted_logprobs(model, row, logprob_temperature(cfg.rollout.temperature), budget)
     if cfg.rl.kl_coef > 0 and hasattr(ref_model, "row_logprobs"):
         # All reference log-probs up front: a CPU-parked reference visits the device once, before any
         # training activations exist; with LoRA it is the policy itself with adapters off.
         with autocast():
-            ref_lps = ref_model.row_logprobs(rows, cfg.rollout.temperature or 1.0, budget)
+            ref_lps = ref_model.row_logprobs(rows, logprob_temperature(cfg.rollout.temperature), budget)
         for row, lp in zip(rows, ref_lps):
             row.token_fields["ref_logprobs"] = lp.float()
     advs = []

@@ -18,6 +18,12 @@ STOP_REASONS = ("answer", "max_turns", "max_tokens", "max_images", "no_action", 
                 "env_error")
 
 
+def logprob_temperature(temperature: float) -> float:
+    """The temperature log-probs are scored at for a sampling temperature: T itself, or 1.0 when greedy (T == 0),
+    where log_softmax(logits / 0) is undefined. The one rule engines and trainer share."""
+    return 1.0 if temperature == 0 else float(temperature)
+
+
 @dataclass
 class SamplingParams:
     """How the policy samples one turn. temperature == 0 is greedy. top_k == 0 and top_p == 1 disable those
@@ -51,7 +57,7 @@ class SamplingParams:
 
     @property
     def logprob_temperature(self) -> float:
-        return 1.0 if self.greedy else float(self.temperature)
+        return logprob_temperature(self.temperature)
 
 
 @dataclass
