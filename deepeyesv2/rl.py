@@ -331,15 +331,13 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
             # The embedded engine's KV cache is dead weight during the update: free it (colocated memory).
             rollouts.engine.clear_cache()
             # SGLang: hand its KV pool (and weights) back to the allocator for the step, take them back after.
-            if callable(release := getattr(rollouts.engine, "release_memory", None)):
-                release()
+            rollouts.engine.release_memory()
             model.train()
             t1 = time.perf_counter()
             lr = sched.get_last_lr()[0]  # the rate this step's first update uses
             upd = update_policy(model, opt, sched, rows, rewards, gids, cfg, ref_model, dp=dp, full_weights=full_weights)
             t_train = time.perf_counter() - t1
-            if callable(resume := getattr(rollouts.engine, "resume_memory", None)):
-                resume()
+            rollouts.engine.resume_memory()
             step += 1
             trained = int(all_sum(sum(int(r.loss_mask.sum()) for r in rows)))
             episodes = [e for part in distributed.all_gather_objects(episode_summaries(groups)) for e in part]

@@ -66,8 +66,7 @@ class Rollouts:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
-        if callable(shutdown := getattr(self.engine, "shutdown", None)):
-            shutdown()  # SGLang: its scheduler processes and GPU pools
+        self.engine.shutdown()  # SGLang: its scheduler processes and GPU pools
 
 
 def sglang_model_dir(model, processor, cfg: Config) -> str:

@@ -38,6 +38,18 @@ class Engine(Protocol):
 
     def clear_cache(self) -> None: ...
 
+    def release_memory(self) -> None:
+        """Hand the engine's device memory back for the training step (colocated; SGLang: KV pool and weights)."""
+        ...
+
+    def resume_memory(self) -> None:
+        """Take it back after the step (the weights then come with the next `update_weights`)."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop whatever the engine started (SGLang: its scheduler processes and GPU pools)."""
+        ...
+
 
 # -- shared helpers (also used by the SGLang adapter) ------------------------------------------------
 def stop_token_sets(processor: ChatProcessor) -> tuple[set[int], dict[int, str]]:
@@ -192,6 +204,17 @@ class EmbeddedEngine:
 
     def clear_cache(self) -> None:
         self.cache.clear()
+
+    # The embedded engine holds no memory of its own beyond the prefix cache (emptied by clear_cache before the
+    # update) and shares the trainer's weights, so there is nothing to release, resume or stop.
+    def release_memory(self) -> None:
+        pass
+
+    def resume_memory(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
     def stats(self) -> dict:
         return dict(self._stats, cache_tokens=self.cache.total_tokens, cache_evicted_tokens=self.cache.evicted_tokens)
@@ -406,3 +429,12 @@ class ScriptedEngine:
 
     def clear_cache(self) -> None:
         self.engine.clear_cache()
+
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

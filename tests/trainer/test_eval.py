@@ -51,6 +51,15 @@ class OracleEngine:
         answer = "wrong" if tag.prompt_id in WRONG else rec["answer"]
         return f"<think>Done.</think><answer>{answer}</answer>"
 
+    def release_memory(self):
+        pass
+
+    def resume_memory(self):
+        pass
+
+    def shutdown(self):
+        pass
+
     def generate(self, requests, sampling):
         out = []
         for r in requests:

@@ -142,6 +142,15 @@ class HalfScripted:
     def clear_cache(self):
         self.engine.clear_cache()
 
+    def release_memory(self):
+        self.engine.release_memory()
+
+    def resume_memory(self):
+        self.engine.resume_memory()
+
+    def shutdown(self):
+        self.engine.shutdown()
+
 
 def rl_config(out: Path, resume: bool = False) -> Config:
     cfg = Config()
