@@ -60,6 +60,18 @@ class Interleaved:
         return [self.load_before, self.load_after]
 
 
+def reported(call: Callable[[], Any], label: str, verbose: bool,
+             show: Callable[[Any], Any] = lambda result: result) -> Callable[[], Any]:
+    """`call` for `interleave`, printing "  <label> <show(result)>" to stderr after each run when verbose: the
+    progress lines of a long interleaved benchmark."""
+    def run() -> Any:
+        result = call()
+        if verbose:
+            print(f"  {label} {show(result)}", file=sys.stderr, flush=True)
+        return result
+    return run
+
+
 def interleave(sides: Mapping[str, Callable[[], Any]], rounds: int, warmup: int = 1,
                failed: Callable[[Any], bool] = lambda result: False,
                load: Callable[[], float] = load_average) -> Interleaved:

@@ -32,6 +32,7 @@ data built).
 
 from __future__ import annotations
 
+from functools import partial
 import argparse
 import statistics
 import subprocess
@@ -41,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from bench._common import (first_failure, fmt_bytes, fmt_seconds, interleave, load_cell, paired_row, ratio_cell,
-                           render_table, rss_baseline_kib, rss_kib, run_worker, serve_worker, skip_unless_benchmarking)
+                           render_table, reported, rss_baseline_kib, rss_kib, run_worker, serve_worker, skip_unless_benchmarking)
 
 VARIANTS = ("ours", "trl", "trl-liger")
 
@@ -383,15 +384,8 @@ def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...
     backends = resolve_backends(engine, trl_vllm)
     setup = replace(setup, model=model, engine=backends["engine"], vllm=backends["vllm"])
 
-    def side(v: str):
-        def call():
-            out = _run_worker_subprocess(v, setup)
-            if verbose:
-                print(f"  e2e_grpo {v:9s} {out}", file=sys.stderr, flush=True)
-            return out
-        return call
-
-    run = interleave({v: side(v) for v in variants}, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
+    sides = {v: reported(partial(_run_worker_subprocess, v, setup), f"e2e_grpo {v:9s}", verbose) for v in variants}
+    run = interleave(sides, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
     res = run.results
     ours_runs = res.get("ours", [{"error": "not run"}])
     device = next((r["device"] for runs in res.values() for r in runs if "device" in r), "?")

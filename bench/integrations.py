@@ -18,6 +18,7 @@ the high-water mark once the trainer is built) over the whole run.
 
 from __future__ import annotations
 
+from functools import partial
 import argparse
 import statistics
 import sys
@@ -25,8 +26,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
-from bench._common import (bytes_row, failed_row, first_failure, interleave, rss_baseline_kib, rss_kib, run_worker,
-                           seconds_row, serve_worker)
+from bench._common import (bytes_row, failed_row, first_failure, interleave, reported, rss_baseline_kib, rss_kib,
+                           run_worker, seconds_row, serve_worker)
 from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 VARIANTS = ("trl", "ours")
@@ -117,15 +118,9 @@ def rows(quick: bool = False, steps: int | None = None, verbose: bool = True, ro
     if steps is not None:
         setup = replace(setup, steps=steps)
 
-    def side(variant: str):
-        def call():
-            out = run_worker("bench.integrations", variant, asdict(setup))
-            if verbose:
-                print(f"  {variant:5s} {out}", file=sys.stderr, flush=True)
-            return out
-        return call
-
-    run = interleave({v: side(v) for v in VARIANTS}, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
+    sides = {v: reported(partial(run_worker, "bench.integrations", v, asdict(setup)), f"{v:5s}", verbose)
+             for v in VARIANTS}
+    run = interleave(sides, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
     ours, peer = run.results["ours"], run.results["trl"]
     threads = next((r["threads"] for r in ours + peer if "threads" in r), "?")
     device = (f"CPU x{threads} threads, fp32, Qwen2 2L H={setup.hidden} V={setup.vocab}, "

@@ -28,6 +28,7 @@ enabled (`pytest bench/kernels.py --benchmark-enable`).
 
 from __future__ import annotations
 
+from functools import partial
 import argparse
 import statistics
 import sys
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench._common import (bytes_row, failed_row, first_failure, interleave, naive_logprobs, naive_step,
+from bench._common import (bytes_row, failed_row, first_failure, interleave, naive_logprobs, naive_step, reported,
                            rss_baseline_kib, rss_kib, run_worker, seconds_row, serve_worker, skip_unless_benchmarking)
 from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
@@ -139,15 +140,8 @@ def cpu_rows(quick: bool = False, reps: int | None = None, verbose: bool = True,
     reps = reps if reps is not None else 2
     payload = {"shape": shape.__dict__, "reps": reps}
 
-    def side(method: str):
-        def call():
-            out = run_worker("bench.kernels", method, payload)
-            if verbose:
-                print(f"  {method:11s} {out}", file=sys.stderr, flush=True)
-            return out
-        return call
-
-    run = interleave({m: side(m) for m in CPU_METHODS}, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
+    sides = {m: reported(partial(run_worker, "bench.kernels", m, payload), f"{m:11s}", verbose) for m in CPU_METHODS}
+    run = interleave(sides, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
     res = run.results
     device = f"CPU x{torch.get_num_threads()} threads, fp32, T={shape.T} H={shape.H} V={shape.V}"
     rows = []

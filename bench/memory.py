@@ -23,11 +23,13 @@ TRL for full fine-tuning.
 
 from __future__ import annotations
 
+from functools import partial
 import argparse
 import sys
 import tempfile
 
-from bench._common import bytes_row, failed_row, first_failure, interleave, reset_peak_rss, rss_kib, run_worker, serve_worker
+from bench._common import (bytes_row, failed_row, first_failure, interleave, reported, reset_peak_rss, rss_kib,
+                           run_worker, serve_worker)
 from bench._common import ratio_table as markdown_table  # public: `deepeyesv2 bench` and the CLI print it
 
 PROMPTS, GROUP, PROMPT_TOKENS, COMPLETION = 2, 4, 64, 192
@@ -113,16 +115,9 @@ def rows(quick: bool = False, verbose: bool = True, rounds: int = 2) -> list[dic
               f"tokens, LoRA r={LORA_RANK}; peer = TRL GRPOTrainer on Qwen2ForCausalLM of the same sizes")
     out = []
     for mode, peer_variant, label in PAIRS:
-        def side(kind: str, variant: str):
-            def call():
-                res = _run(kind, variant, preset)
-                if verbose:
-                    print(f"  {variant:18s} {kind} {res}", file=sys.stderr, flush=True)
-                return res
-            return call
-
-        run = interleave({"ours": side("ours", mode), "peer": side("trl", peer_variant)}, rounds=rounds, warmup=0,
-                         failed=lambda r: "error" in r)
+        sides = {side: reported(partial(_run, kind, variant, preset), f"{variant:18s} {kind}", verbose)
+                 for side, kind, variant in (("ours", "ours", mode), ("peer", "trl", peer_variant))}
+        run = interleave(sides, rounds=rounds, warmup=0, failed=lambda r: "error" in r)
         ours, peer = run.results["ours"], run.results["peer"]
         fo, fp = first_failure(ours), first_failure(peer)
         if fo or fp:

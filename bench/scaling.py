@@ -16,6 +16,7 @@ Writes a 2x2 PNG (time and memory, vs T and vs V; log-log) and returns rows at t
 
 from __future__ import annotations
 
+from functools import partial
 import argparse
 import datetime
 import os
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench._common import (REPO_ROOT, failed_row, fmt_bytes, fmt_seconds, interleave, load_cell, naive_step, paired_row,
-                           ratio_cell, render_table, reset_peak_rss, rss_kib, run_worker, serve_worker,
+                           ratio_cell, render_table, reported, reset_peak_rss, rss_kib, run_worker, serve_worker,
                            skip_unless_benchmarking)
 
 METHODS = ("ours", "naive")
@@ -202,16 +203,11 @@ def rows(quick: bool = False, png: str | None = None, verbose: bool = True, roun
     point has its own warm-up run), write the PNG, return rows (ours vs naive) at the largest T and the largest V."""
     grid = GPU if torch.cuda.is_available() else (CPU_QUICK if quick else CPU_FULL)
 
-    def side(m: str):
-        def call():
-            out = _run_worker_subprocess(m, grid)
-            if verbose:
-                print(f"  scaling {m}: {sum('error' not in r for r in out)}/{len(out)} points", file=sys.stderr,
-                      flush=True)
-            return out
-        return call
+    def measured(sweep: list[dict]) -> str:
+        return f"{sum('error' not in r for r in sweep)}/{len(sweep)} points"
 
-    run = interleave({m: side(m) for m in METHODS}, rounds=rounds, warmup=0)
+    sides = {m: reported(partial(_run_worker_subprocess, m, grid), f"scaling {m}:", verbose, measured) for m in METHODS}
+    run = interleave(sides, rounds=rounds, warmup=0)
     sweeps = run.results
     results = [r for m in METHODS for r in median_points(sweeps[m])]
     png = plot(results, grid, png or default_png_path())
