@@ -227,10 +227,11 @@ def _grpo_loss_torch(logprobs, old_logprobs, advantages, loss_mask, cu_seqlens, 
     def masked(x):  # zero outside the mask before exp() (see kernel comment)
         return None if x is None else torch.where(m, x.float(), 0.0)
 
-    terms = token_terms(masked(logprobs), masked(old_logprobs), masked(advantages), masked(ref_logprobs),
-                        clip_low, clip_high, dual_clip, kl_coef, kl_estimator, masked(entropy), entropy_coef)
-    approx_kl = masked(old_logprobs) - masked(logprobs)
-    ent = masked(entropy) if entropy is not None else torch.zeros_like(terms.loss)
+    lp, old, ent = masked(logprobs), masked(old_logprobs), masked(entropy)
+    terms = token_terms(lp, old, masked(advantages), masked(ref_logprobs), clip_low, clip_high, dual_clip, kl_coef,
+                        kl_estimator, ent, entropy_coef)
+    approx_kl = old - lp
+    ent = ent if ent is not None else torch.zeros_like(terms.loss)
     seq_len = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seq_idx = torch.repeat_interleave(torch.arange(S, device=logprobs.device), seq_len, output_size=T)
     cols = [terms.loss, m.float(), terms.clipped, approx_kl, terms.kl, ent, terms.ratio]

@@ -75,6 +75,7 @@ def _logits_tile(
         b_acc += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     return b_acc * inv_temp
 
+
 @kernel
 def _logprobs_fwd_kernel(
     p_hidden,  # [T, H]
@@ -144,6 +145,7 @@ def _logprobs_fwd_kernel(
     tl.store(p_sum + o_out, b_sum, mask=m_t)
     tl.store(p_zexp + o_out, b_zexp, mask=m_t)
     tl.store(p_ztgt + o_out, b_ztgt, mask=m_t)
+
 
 @kernel
 def _logprobs_dlogits_kernel(
@@ -242,10 +244,11 @@ _DLOGITS_TILES = {
     ("sm80", "16"): [(128, 128, 32, 8, 4), (64, 256, 32, 8, 3), (128, 64, 64, 8, 4)],
     ("sm80", "tf32"): [(128, 64, 32, 8, 4), (64, 128, 32, 8, 4)],
     ("sm80", "ieee"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3)],
-    ("sm100", "16"): [(128, 128, 64, 8, 4), (64, 256, 64, 8, 4)],
-    ("sm100", "tf32"): [(128, 128, 32, 8, 4), (64, 256, 32, 8, 3)],
     ("sm100", "ieee"): [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
 }
+# sm_90's 16-bit and tf32 candidates are spill-free on sm_100 too (only its true-fp32 ones spilled there).
+_DLOGITS_TILES[("sm100", "16")] = _DLOGITS_TILES[("sm90", "16")]
+_DLOGITS_TILES[("sm100", "tf32")] = _DLOGITS_TILES[("sm90", "tf32")]
 # The fused loss's dlogits pass over stored fp32 logits: elementwise, bandwidth-bound, no GEMM.
 _FROM_LOGITS_TILE = (32, 256, 64, 4, 1)
 # The interpreter runs each tile op in numpy: few, large tiles are fastest.
