@@ -16,6 +16,9 @@ Differences from verl's functions, all on purpose:
     batch or indexes [B, L], which both layouts satisfy.
   * labels equal to -100 get log-prob 0 and entropy 0 (and no gradient); verl's kernels have no ignore index.
   * only reduction="none" (what verl's model forwards pass) and no vocab-parallel ``dist_process_group``.
+  * any hidden size; verl's Triton ``linear_cross_entropy`` asserts hidden_size % 128 == 0 and CUDA tensors.
+Checked against verl 0.9.1 itself (its torch path, its model forwards before and after `patch_verl()`) by
+``python -m bench.verl_peer``.
 """
 
 from __future__ import annotations
@@ -75,17 +78,26 @@ def linear_cross_entropy(
     return logp.view(labels.shape), entropy.view(labels.shape)
 
 
-class FusedLinearForPPO(torch.nn.Module):
-    """verl's ``FusedLinearForPPO`` module (torch backend), computed by `fused_logprobs`.
+# verl's FusedLinearForPPO backends (its __init__ raises ValueError for any other); ours computes both the same way.
+VERL_FUSED_LINEAR_BACKENDS = ("torch", "liger")
 
-    ``chunk_size`` is accepted for signature compatibility and ignored: the kernel sizes its own chunks.
+
+class FusedLinearForPPO(torch.nn.Module):
+    """verl's ``FusedLinearForPPO`` module (torch and liger backends), computed by `fused_logprobs`.
+
+    ``chunk_size`` and ``impl_backend`` are taken for signature compatibility and change nothing: the kernel sizes
+    its own chunks, and verl's model forwards (0.9.1) pass ``impl_backend=model._verl_fused_kernels_backend``;
+    an impl_backend other than "torch" or "liger" raises ValueError, as verl's does.
     forward(hidden_states [B, L, H] | [T, H], vocab_weights [V, H], input_ids [B, L] | [T], temperature)
     -> (log_probs, entropy), fp32, shaped like input_ids.
     """
 
-    def __init__(self, chunk_size: int = 512):
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
         super().__init__()
+        if impl_backend not in VERL_FUSED_LINEAR_BACKENDS:
+            raise ValueError(f"impl_backend must be one of {VERL_FUSED_LINEAR_BACKENDS} (verl's), got {impl_backend!r}")
         self.chunk_size = chunk_size
+        self.impl_backend = impl_backend
 
     def forward(
         self,
