@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from .chat import ChatProcessor
-from .engine import StopChecker, stop_token_sets
+from .sampling import StopChecker, stop_token_sets
 from .types import GenerateRequest, GenerateResult, SamplingParams
 
 
@@ -72,16 +73,14 @@ class SGLangEngine:
         self.update_bucket_bytes = update_bucket_bytes
         self.eos, self.special = stop_token_sets(processor)
         self._stats = dict(tokens_prefilled=0, tokens_cached=0, tokens_decoded=0, requests=0)
+        self._submitter: ThreadPoolExecutor | None = None  # made by the first submit
 
     # -- Engine protocol --------------------------------------------------------------------------
     def generate(self, requests: list[GenerateRequest], sampling: SamplingParams) -> list[GenerateResult]:
         if not requests:
             return []
         for i, r in enumerate(requests):
-            if not r.token_ids:
-                raise ValueError(f"request {i}: empty token_ids")
-            if r.forced_tokens is not None:
-                raise ValueError(f"request {i}: SGLangEngine cannot teacher-force tokens; use EmbeddedEngine")
+            self._check(r, f"request {i}")
         params = [self._sampling_params(r, sampling) for r in requests]
         images = [self._image_data(r) for r in requests]
         out = self.engine.generate(
@@ -96,6 +95,23 @@ class SGLangEngine:
             raise RuntimeError(f"sglang returned {len(out)} outputs for {len(requests)} requests")
         stopper = StopChecker(self.processor, sampling.stop)
         return [self._result(o, p["max_new_tokens"], stopper) for o, p in zip(out, params)]
+
+    async def agenerate(self, request: GenerateRequest, sampling: SamplingParams) -> GenerateResult:
+        """One request through sgl.Engine.async_generate (SGLang batches concurrent ones itself). Use one event
+        loop for all calls: SGLang's tokenizer manager binds to the loop it first runs in."""
+        self._check(request, "request")
+        params = self._sampling_params(request, sampling)
+        images = self._image_data(request)
+        out = await self.engine.async_generate(input_ids=list(request.token_ids), sampling_params=params,
+                                               return_logprob=True, image_data=images)
+        return self._result(out, params["max_new_tokens"], StopChecker(self.processor, sampling.stop))
+
+    def submit(self, request: GenerateRequest, sampling: SamplingParams) -> Future:
+        """`generate([request])` on a one-thread executor: requests submitted this way run one after another
+        (no batching between them); for concurrency use `generate` with a batch, or `agenerate`."""
+        if self._submitter is None:
+            self._submitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="SGLangEngine-submit")
+        return self._submitter.submit(lambda: self.generate([request], sampling)[0])
 
     def update_weights(self, model: Any) -> None:
         """Push all of the policy's weights (bucketed) and flush the prefix cache once.
@@ -134,9 +150,19 @@ class SGLangEngine:
         self.engine.resume_memory_occupation(tags=tags)
 
     def shutdown(self) -> None:
+        if self._submitter is not None:
+            self._submitter.shutdown(wait=True)
+            self._submitter = None
         self.engine.shutdown()
 
     # -- internals ----------------------------------------------------------------------------------
+    @staticmethod
+    def _check(r: GenerateRequest, label: str) -> None:
+        if not r.token_ids:
+            raise ValueError(f"{label}: empty token_ids")
+        if r.forced_tokens is not None:
+            raise ValueError(f"{label}: SGLangEngine cannot teacher-force tokens; use EmbeddedEngine")
+
     def _sampling_params(self, r: GenerateRequest, sampling: SamplingParams) -> dict:
         max_new = sampling.max_new_tokens if r.max_new_tokens is None else min(r.max_new_tokens, sampling.max_new_tokens)
         params = dict(

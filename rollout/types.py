@@ -61,6 +61,22 @@ class SamplingParams:
 
 
 @dataclass
+class BatchingConfig:
+    """How EmbeddedEngine's scheduler batches (see rollout/scheduler.py). The K/V slot pool holds at most
+    max_running * max_seq_len tokens per layer; it is allocated lazily and grows to what the requests need."""
+
+    max_running: int = 64  # sequences decoding at once (K/V pool slots); further requests wait for a free slot
+    max_seq_len: int = 32768  # context + max new tokens one sequence may reach (a slot's length); longer requests fail
+    prefill_tokens_per_step: int = 2048  # context tokens prefilled per scheduler step, all requests together; longer contexts are prefilled in chunks over several steps
+
+    def __post_init__(self) -> None:
+        for name, value in (("max_running", self.max_running), ("max_seq_len", self.max_seq_len),
+                            ("prefill_tokens_per_step", self.prefill_tokens_per_step)):
+            if value < 1:
+                raise ValueError(f"batching.{name} must be >= 1, got {value}")
+
+
+@dataclass
 class GenerateRequest:
     """One sequence to continue.
 
