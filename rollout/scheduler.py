@@ -87,6 +87,7 @@ class _Prefill:
         self.done = 0  # tokens whose K/V `kv` holds
         self.kv: KV | None = None
         self.embeds: torch.Tensor | None = None  # [length - cached, H], computed when the job starts
+        self.buffer: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # K/V [1, Hk, length, D] when prefilled alone
 
     @property
     def started(self) -> bool:
@@ -301,26 +302,29 @@ class Scheduler:
         """One forward over chunks of several contexts -> hidden states [P, qmax, H].
 
         Each row's K/V so far is right-aligned to column S = the longest of them, its chunk written at
-        [S, S + q): copied per step are the rows' earlier K/V (bounded by the prefilling contexts, once per
-        chunk) into a buffer made for this step. Padded query positions attend to their own (finite) padded
-        keys, which no real query sees: no all-masked row, no NaN in a buffer."""
-        lm = self.model.model.language_model
-        cfg = lm.config
+        [S, S + q). Several rows: their earlier K/V are copied into buffers made for this step (bounded by the
+        prefilling contexts). One row -- the common case of a long context prefilled in chunks, which takes the
+        whole budget -- uses a buffer of its full context length kept across its chunks: nothing copied.
+        Padded query positions attend to their own (finite) padded keys, which no real query sees: no
+        all-masked row, no NaN in a buffer."""
         dev = self.device
         P = len(rows)
         S = max(job.done for job, _ in rows)
         qmax = max(q for _, q in rows)
-        hd = cfg.hidden_size // cfg.num_attention_heads
-        dtype = self.autocast_dtype or self.model.lm_head.weight.dtype
-        keys = [torch.zeros(P, cfg.num_key_value_heads, S + qmax, hd, device=dev, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        values = [torch.zeros_like(k) for k in keys]
+        if P == 1:
+            job = rows[0][0]
+            if job.buffer is None:
+                job.buffer = self._buffers(1, job.length)
+                self._copy_in(job, job.buffer, 0, S)
+            keys, values = job.buffer
+        else:
+            keys, values = self._buffers(P, S + qmax)
+            for b, (job, _) in enumerate(rows):
+                self._copy_in(job, (keys, values), b, S)
+                job.buffer = None  # its K/V now continue in this step's buffers
         embeds = torch.zeros(P, qmax, rows[0][0].embeds.shape[-1], device=dev, dtype=rows[0][0].embeds.dtype)
         pos = torch.zeros(3, P, qmax, dtype=torch.long)
         for b, (job, q) in enumerate(rows):
-            if job.done:
-                for (k, v), kb, vb in zip(job.kv, keys, values):
-                    kb[b, :, S - job.done : S] = k
-                    vb[b, :, S - job.done : S] = v
             off = job.done - job.cached
             embeds[b, :q] = job.embeds[off : off + q]
             pos[:, b, :q] = job.positions[:, job.done : job.done + q]
@@ -335,6 +339,22 @@ class Scheduler:
             job.done += q
             self.counters["tokens_prefilled"] += q
         return h
+
+    def _buffers(self, rows: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zeroed per-layer K/V [rows, Hk, length, D] (zeros: masked columns still enter SDPA's 0-weighted sum)."""
+        cfg = self.model.model.language_model.config
+        dtype = self.autocast_dtype or self.model.lm_head.weight.dtype
+        shape = (rows, cfg.num_key_value_heads, length, cfg.hidden_size // cfg.num_attention_heads)
+        keys = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        return keys, [torch.zeros_like(k) for k in keys]
+
+    @staticmethod
+    def _copy_in(job: _Prefill, buffers: tuple[list[torch.Tensor], list[torch.Tensor]], row: int, end: int) -> None:
+        """The job's K/V so far into columns [end - done, end) of buffers' row."""
+        if job.done:
+            for (k, v), kb, vb in zip(job.kv, *buffers):
+                kb[row, :, end - job.done : end] = k
+                vb[row, :, end - job.done : end] = v
 
     def _start_decoding(self, job: _Prefill, logits: torch.Tensor) -> None:
         """A prefilled context's sequences take decode slots (each a copy of the context's K/V) and their
