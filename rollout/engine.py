@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from time import perf_counter
@@ -91,6 +92,67 @@ class EngineShutdown(RuntimeError):
     """A request was still in flight when the engine was shut down."""
 
 
+def _take(sched: Scheduler, item: Any) -> _Barrier | None:
+    if isinstance(item, list):
+        sched.waiting.extend(item)
+    elif isinstance(item, _Barrier):
+        return item
+    return None
+
+
+def _scheduler_loop(sched: Scheduler, inbox: queue.SimpleQueue, stopping: threading.Event) -> None:
+    """The scheduler thread. It holds the scheduler and its inbox, not the engine: an engine dropped without
+    shutdown() is collected, and its finalizer stops this thread."""
+    if sched.device.type == "cuda":
+        torch.cuda.set_device(sched.device)  # tensors the model makes without a device go where it lives
+    barrier: _Barrier | None = None
+    while not stopping.is_set():
+        try:
+            if barrier is None:
+                if not sched.has_work():
+                    t0 = perf_counter()
+                    item = inbox.get()
+                    sched.counters["idle_s"] += perf_counter() - t0
+                    barrier = _take(sched, item)
+                while barrier is None:  # everything else that has arrived joins this step
+                    try:
+                        barrier = _take(sched, inbox.get_nowait())
+                    except queue.Empty:
+                        break
+            if stopping.is_set():
+                break
+            if sched.has_work():
+                with sched.precision():
+                    sched.step()
+            elif barrier is not None:
+                try:
+                    barrier.future.set_result(barrier.fn())
+                except Exception as e:  # noqa: BLE001 -- the caller of the barrier gets it
+                    barrier.future.set_exception(e)
+                barrier = None
+        except Exception as e:  # noqa: BLE001 -- the scheduler's own failure: fail what is in flight, go on
+            sched.fail_all(e)
+    err = EngineShutdown("EmbeddedEngine was shut down with this request in flight")
+    while True:
+        try:
+            item = inbox.get_nowait()
+        except queue.Empty:
+            break
+        if isinstance(item, _Barrier):
+            item.future.set_exception(err)
+        else:
+            _take(sched, item)
+    if barrier is not None:
+        barrier.future.set_exception(err)
+    sched.fail_all(err)
+
+
+def _stop_scheduler(inbox: queue.SimpleQueue, stopping: threading.Event) -> None:
+    """The engine's finalizer: let its scheduler thread end (without waiting for it)."""
+    stopping.set()
+    inbox.put(_WAKE)
+
+
 class EmbeddedEngine:
     """The HF model in process, with a radix prefix K/V cache of `cache_tokens_budget` tokens (0 disables it).
 
@@ -115,7 +177,7 @@ class EmbeddedEngine:
         self._thread: threading.Thread | None = None
         self._lifecycle = threading.Lock()  # starting / stopping the thread vs enqueueing
         self._stopping = threading.Event()
-        self._idle_s = 0.0
+        weakref.finalize(self, _stop_scheduler, self._queue, self._stopping)
 
     @property
     def model(self) -> Any:
@@ -188,60 +250,9 @@ class EmbeddedEngine:
 
     def _start_thread(self) -> None:
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._loop, name="EmbeddedEngine-scheduler", daemon=True)
+        self._thread = threading.Thread(target=_scheduler_loop, args=(self._sched, self._queue, self._stopping),
+                                        name="EmbeddedEngine-scheduler", daemon=True)
         self._thread.start()
-
-    def _take(self, item: Any) -> _Barrier | None:
-        if isinstance(item, list):
-            self._sched.waiting.extend(item)
-        elif isinstance(item, _Barrier):
-            return item
-        return None
-
-    def _loop(self) -> None:
-        sched = self._sched
-        if sched.device.type == "cuda":
-            torch.cuda.set_device(sched.device)  # tensors the model makes without a device go where it lives
-        barrier: _Barrier | None = None
-        while not self._stopping.is_set():
-            try:
-                if barrier is None:
-                    if not sched.has_work():
-                        t0 = perf_counter()
-                        item = self._queue.get()
-                        self._idle_s += perf_counter() - t0
-                        barrier = self._take(item)
-                    while barrier is None:  # everything else that has arrived joins this step
-                        try:
-                            barrier = self._take(self._queue.get_nowait())
-                        except queue.Empty:
-                            break
-                if self._stopping.is_set():
-                    break
-                if sched.has_work():
-                    with sched.precision():
-                        sched.step()
-                elif barrier is not None:
-                    try:
-                        barrier.future.set_result(barrier.fn())
-                    except Exception as e:  # noqa: BLE001 -- the caller of the barrier gets it
-                        barrier.future.set_exception(e)
-                    barrier = None
-            except Exception as e:  # noqa: BLE001 -- the scheduler's own failure: fail what is in flight, go on
-                sched.fail_all(e)
-        err = EngineShutdown("EmbeddedEngine was shut down with this request in flight")
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, list):
-                sched.waiting.extend(item)
-            elif isinstance(item, _Barrier):
-                item.future.set_exception(err)
-        if barrier is not None:
-            barrier.future.set_exception(err)
-        sched.fail_all(err)
 
     def _barrier(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the scheduler thread once the requests submitted before have finished (see module doc)."""
@@ -298,7 +309,7 @@ class EmbeddedEngine:
         thread waiting for work); gauges: requests_waiting / _prefilling / _running, kv_slots_in_use,
         kv_pool_tokens (allocated), kv_slot_moves, scheduler_threads; cache_tokens, cache_evicted_tokens."""
         thread = self._thread
-        return dict(self._sched.counters, idle_s=self._idle_s, **self._sched.gauges(),
+        return dict(self._sched.counters, **self._sched.gauges(),
                     scheduler_threads=int(thread is not None and thread.is_alive()),
                     cache_tokens=self.cache.total_tokens, cache_evicted_tokens=self.cache.evicted_tokens)
 

@@ -111,7 +111,7 @@ class Scheduler:
         self._resolved: list[tuple[Future, GenerateResult | None, BaseException | None]] = []
         self.counters = dict(tokens_prefilled=0, tokens_cached=0, tokens_shared=0, tokens_decoded=0, requests=0,
                              requests_failed=0, forward_calls=0, prefill_steps=0, decode_steps=0, prefill_s=0.0,
-                             decode_s=0.0)
+                             decode_s=0.0, idle_s=0.0)  # idle_s: written by the engine's scheduler thread
 
     # -- requests -------------------------------------------------------------------------------------
     @property

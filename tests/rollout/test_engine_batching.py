@@ -4,6 +4,7 @@ engine, group fork, chunked prefill beside decoding, the K/V slot pool, faults, 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import threading
@@ -282,6 +283,18 @@ def test_shutdown_fails_in_flight_requests_and_a_new_request_restarts(tiny, engi
     assert o.token_ids == req.forced_tokens and eng.stats()["scheduler_threads"] == 1
     eng.shutdown()
     assert eng.stats()["scheduler_threads"] == 0
+
+
+def test_engine_dropped_without_shutdown_stops_its_thread(tiny):
+    model, proc = tiny
+    before = set(threading.enumerate())
+    eng = EmbeddedEngine(model, proc)
+    eng.generate([_request(proc, "Q", [])], SamplingParams(temperature=0, max_new_tokens=2))
+    (thread,) = [t for t in threading.enumerate() if t not in before and t.name == "EmbeddedEngine-scheduler"]
+    del eng
+    gc.collect()
+    thread.join(timeout=60)  # a bound on the test, not a timing assertion
+    assert not thread.is_alive()
 
 
 def test_update_weights_waits_for_requests_in_flight(tiny, engines):
