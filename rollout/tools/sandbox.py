@@ -73,7 +73,7 @@ from pathlib import Path
 from PIL import Image
 
 from ._sandbox_worker import _real_uid  # one reading of /proc/PID/status for both sides (stdlib only)
-from .base import ToolResult, error_result
+from .base import ToolResult
 
 WORKER_SCRIPT = str(Path(__file__).with_name("_sandbox_worker.py"))
 # A conforming worker's caps (output chars, images) can exceed their limits by at most a
@@ -996,6 +996,33 @@ def _decode_images(payload: list[str], max_pixels: int) -> tuple[list[Image.Imag
     return images, problems
 
 
+@dataclass(frozen=True)
+class CodeRun:
+    """One code call's outcome, fields kept apart (``Session.execute``).
+
+    stdout, stderr: capped at ``max_output_chars`` each; sandbox notes (timeout, restart,
+        dropped images) are in stderr.
+    images: what the code showed, RGB PIL images, at most ``max_images``.
+    status: "ok" | "error" (the code raised, or its worker died) | "timeout".
+    error: one line when status != "ok", else None.
+    latency_s: wall-clock seconds the call took.
+    ran: False when the code never reached a worker (bad input, closed session, no sandbox);
+        then stdout, stderr and images are empty and ``error`` says why.
+    """
+
+    stdout: str
+    stderr: str
+    images: list[Image.Image]
+    status: str
+    error: str | None
+    latency_s: float
+    ran: bool = True
+
+
+def _not_run(message: str, started: float) -> CodeRun:
+    return CodeRun("", "", [], "error", message, time.perf_counter() - started, ran=False)
+
+
 def _release(state: dict) -> None:
     worker, pool = state.pop("worker", None), state.get("pool")
     if worker is not None:
@@ -1076,28 +1103,45 @@ class Session:
         self.restarts += 1
 
     def run_code(self, code: str) -> ToolResult:
-        """Run ``code`` in this episode's kernel. Never raises."""
+        """Run ``code`` in this episode's kernel and format the outcome for the policy. Never raises."""
+        run = self.execute(code)
+        if not run.ran:  # the same "Error: <why>" text as any tool that could not run
+            return ToolResult(text=f"Error: {run.error}", status=run.status, error=run.error,
+                              latency_s=run.latency_s)
+        return ToolResult(text=format_code_result(run.stdout, run.stderr), images=run.images,
+                          status=run.status, error=run.error, latency_s=run.latency_s)
+
+    def execute(self, code: str, timeout_s: float | None = None) -> CodeRun:
+        """Run ``code`` in this episode's kernel; stdout, stderr and images come back separately
+        (``run_code`` formats them for the policy; the HTTP server returns them as they are).
+
+        timeout_s: this call's wall-clock limit, at most ``limits.timeout_s`` (None: that cap).
+        Never raises.
+        """
         started = time.perf_counter()
         if not isinstance(code, str):
-            return error_result(f"code must be a string, got {type(code).__name__}", started)
+            return _not_run(f"code must be a string, got {type(code).__name__}", started)
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or not timeout_s > 0):  # NaN fails the comparison too
+            return _not_run(f"timeout_s must be a positive number, got {timeout_s!r}", started)
+        timeout = self.limits.timeout_s if timeout_s is None else min(timeout_s, self.limits.timeout_s)
         with self._lock:
             if self._closed:
-                return error_result("the session is closed", started)
+                return _not_run("the session is closed", started)
             try:
                 worker = self._worker()
             except SandboxError as e:
                 self._drop_worker()
-                return error_result(f"the Python sandbox is unavailable: {e}", started)
+                return _not_run(f"the Python sandbox is unavailable: {e}", started)
             try:
-                reply = _parse_run_reply(worker.request({"op": "run", "code": code},
-                                                        self.limits.timeout_s), self.limits)
+                reply = _parse_run_reply(worker.request({"op": "run", "code": code}, timeout),
+                                         self.limits)
             except WorkerTimeout:
                 self._drop_worker()
-                msg = (f"TimeoutError: the code did not finish within {self.limits.timeout_s:g} s; "
+                msg = (f"TimeoutError: the code did not finish within {timeout:g} s; "
                        "the sandbox was killed and restarted, so all variables from earlier calls "
                        "are lost (image_1, ... are loaded again)")
-                return error_result(msg, started, status="timeout",
-                                    text=format_code_result("", msg))
+                return CodeRun("", msg, [], "timeout", msg, time.perf_counter() - started)
             except SandboxError as e:
                 worker.kill()
                 how = f"sent {e}" if isinstance(e, ProtocolError) else worker.exit_description()
@@ -1105,14 +1149,13 @@ class Session:
                 msg = (f"SandboxError: the Python process {how} during the call; the sandbox was "
                        "restarted, so all variables from earlier calls are lost "
                        "(image_1, ... are loaded again)")
-                return error_result(msg, started, text=format_code_result("", msg))
+                return CodeRun("", msg, [], "error", msg, time.perf_counter() - started)
         images, problems = _decode_images(reply.images, self.limits.max_image_pixels)
         stderr = reply.stderr
         if problems:
             stderr = "\n".join([stderr.rstrip("\n"), *problems]).lstrip("\n")
-        return ToolResult(text=format_code_result(reply.stdout, stderr), images=images,
-                          status="error" if reply.error else "ok", error=reply.error or None,
-                          latency_s=time.perf_counter() - started)
+        return CodeRun(reply.stdout, stderr, images, "error" if reply.error else "ok",
+                       reply.error or None, time.perf_counter() - started)
 
     def close(self) -> None:
         with self._lock:
