@@ -9,6 +9,9 @@ import io
 import json
 import os
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -335,3 +338,49 @@ def test_cli_refuses_unsafe_configurations(monkeypatch, capsys):
     monkeypatch.setenv(TOKEN_ENV, "t")
     assert main(["--no-auth", "--port", "0"]) == 2  # a token in the env and --no-auth: ambiguous
     assert "pick one" in capsys.readouterr().err
+
+
+def test_one_connection_serves_several_requests(server, sid):
+    """HTTP/1.1 keep-alive, as a requests.Session client uses it: errors with a read body keep the
+    connection; the next request on it is answered."""
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=60)
+    hdrs = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    try:
+        for body, expected in ((b'{"session_id": "%s", "code": "k = 9"}' % sid.encode(), 200),
+                               (b"{bad", 400),
+                               (b'{"session_id": "%s", "code": "print(k)"}' % sid.encode(), 200)):
+            conn.request("POST", "/jupyter_sandbox", body=body, headers=hdrs)
+            resp = conn.getresponse()
+            payload = json.loads(resp.read())
+            assert resp.status == expected, payload
+        assert payload["output"]["stdout"] == "9\n"
+    finally:
+        conn.close()
+
+
+def test_no_auth_on_loopback_admits_callers_without_a_token():
+    config = ServerConfig(port=0, no_auth=True, pool_size=0, log_requests=False)
+    with SandboxServer(config, LIMITS).start() as srv:
+        assert run(srv, "open", "print(3)", close=True)["stdout"] == "3\n"
+
+
+def test_cli_serves_until_sigterm_then_closes_its_sessions(tmp_path):
+    env = {**os.environ, TOKEN_ENV: TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "deepeyesv2_rollout.tools.sandbox_server", "--port", "0",
+                             "--pool-size", "0", "--timeout-cap", "3", "--quiet"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()  # "sandbox server on http://127.0.0.1:PORT: ..."
+        port = int(banner.split("http://127.0.0.1:")[1].split(":")[0])
+        conn = HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/jupyter_sandbox", body=json.dumps({"session_id": "cli", "code": "print(5)"}),
+                     headers={"Authorization": f"Bearer {TOKEN}"})
+        out = json.loads(conn.getresponse().read())["output"]
+        conn.close()
+        assert out["stdout"] == "5\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+        rest = proc.stderr.read()
+    assert rc == 0, rest
+    assert "Traceback" not in rest
