@@ -1,6 +1,6 @@
 """Helpers shared by the bench/ modules: interleaved measurement (every ratio), worker subprocesses, RSS probes,
 number formats, markdown tables, the naive log-prob reference and the pytest-benchmark skip. At module level it
-imports only the standard library, deepeyesv2.memory_probe and deepeyesv2.benchmarks (both standard library only;
+imports only the standard library, bench.memory_probe and deepeyesv2.commands.bench (both standard library only;
 torch and pytest are imported lazily), so a bench module's parent process stays light.
 
 Interleaving: a ratio compares two sides measured alternately -- warm-up A, warm-up B, then A B A B ... -- and is
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # ratio_cell / load_cell: how `deepeyesv2 bench` prints a row's ratio and load; the bench tables print them the same way
-from deepeyesv2.benchmarks import load_cell, ratio_cell  # noqa: F401  (re-exported for the bench modules)
+from deepeyesv2.commands.bench import load_cell, ratio_cell  # noqa: F401  (re-exported for the bench modules)
 # rss_kib(field="VmRSS") -> KiB of a /proc/self/status field (VmRSS now, VmHWM high-water mark): the package's copy
-from deepeyesv2.memory_probe import rss_kib
+from bench.memory_probe import rss_kib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -108,8 +108,8 @@ def text_reward(text: str) -> float:
 
 
 def task_prompts(setup: Setup):
-    """P PromptRecords: the demo's counting question over a generated image (same for every variant)."""
-    from deepeyesv2.demo_task import count_prompts
+    """P Prompts: the demo's counting question over a generated image (same for every variant)."""
+    from deepeyesv2.demo.task import count_prompts
 
     prompts = count_prompts(setup.prompts, seed=7, prefix="e2e")
     for p in prompts:
@@ -126,9 +126,10 @@ def _ours_trainer(setup: Setup):
     from deepeyesv2.data import ShuffledIterator
     from deepeyesv2.model import ModelConfig, build_model
     from deepeyesv2.optim import build_optimizer
+    from deepeyesv2.parallel import SingleProcess
     from deepeyesv2.rewards import RewardResult
     from deepeyesv2.rl import build_rows, collect_groups, update_policy
-    from deepeyesv2.rollouts import make_rollouts
+    from deepeyesv2.rollout_setup import make_rollouts
 
     torch.manual_seed(0)
     cfg = Config()
@@ -153,6 +154,7 @@ def _ours_trainer(setup: Setup):
     rollouts.required_tools = ()
     order = ShuffledIterator(len(prompts))
     opt, sched = build_optimizer(model, cfg.optim, 1 + setup.steps)
+    par = SingleProcess(model)
 
     def reward_fn(inp):
         return RewardResult(text_reward(inp.response_text), {})
@@ -166,12 +168,10 @@ def _ours_trainer(setup: Setup):
         t_gen = time.perf_counter() - t0
         rows, rewards, gids = build_rows(groups, cfg.train.tokens_per_batch, proc)
         rollouts.engine.clear_cache()
-        if callable(release := getattr(rollouts.engine, "release_memory", None)):
-            release()  # as train_rl: SGLang's pools go back while the update runs
+        rollouts.engine.release_memory()  # as train_rl: SGLang's pools go back while the update runs
         model.train()
-        update_policy(model, opt, sched, rows, rewards, gids, cfg)
-        if callable(resume := getattr(rollouts.engine, "resume_memory", None)):
-            resume()
+        update_policy(par, opt, sched, rows, rewards, gids, cfg)
+        rollouts.engine.resume_memory()
         rollouts.engine.update_weights(model)
         _sync()
         trajs = [t for g in groups for t in g.trajectories]

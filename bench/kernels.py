@@ -12,7 +12,7 @@ hidden and weight of
   ours-grpo      deepeyesv2_kernels.linear_grpo.fused_linear_grpo_loss
 Each run of a method is a fresh subprocess (its wall time: the median of --reps steps after one warm-up step;
 its memory: the peak RSS growth, VmHWM reset after the inputs are allocated, minus the gradients of hidden and
-weight, i.e. "extra above inputs and their gradients", the definition of /work/shared/TARGETS.md). The methods'
+weight, i.e. "extra above inputs and their gradients", the definition the GPU memory targets use). The methods'
 processes alternate, one of each per round for --rounds rounds (bench/_common.py `interleave`), and each row's
 ratio is the median of the per-round ratios with their min-max. On the GPU the methods alternate the same way
 inside one process (the CUDA allocator's peak is reset per run).

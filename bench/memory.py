@@ -14,7 +14,7 @@ Measured, each run of a variant in a fresh subprocess, ours and the peer alterna
 nearly deterministic, so the spread mostly shows allocator and thread-pool variation): peak RSS growth over the
 RSS right after the imports, during the training part of a step (forward, backward, optimizer step) -- for TRL the high-water mark is reset when
 `compute_loss` starts, so its generation (KV cache) is excluded, like our rollout phase. Two steps, the max kept
-(the second step runs with AdamW moments alive). glibc's mmap threshold is fixed (see deepeyesv2.memory_probe)
+(the second step runs with AdamW moments alive). glibc's mmap threshold is fixed (see bench.memory_probe)
 on both sides. Peer variants: TRL + PEFT for LoRA, TRL + PEFT + gradient_checkpointing for the lean mode, plain
 TRL for full fine-tuning.
 
@@ -95,7 +95,7 @@ def _trl_worker(variant: str, preset: str) -> dict:
 
 
 def _ours_worker(mode: str, preset: str) -> dict:
-    from deepeyesv2.memory_probe import measure_step
+    from bench.memory_probe import measure_step
 
     out = measure_step(preset, mode, tokens=GROUP * (PROMPT_TOKENS + COMPLETION), rows=PROMPTS, steps=2,
                        seqs=GROUP, lora_rank=LORA_RANK)

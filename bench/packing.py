@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from bench._common import exact_row, interleave, load_cell, paired_row, ratio_cell, render_table
-from deepeyesv2.logprobs import packed_logprobs
+from deepeyesv2.policy_logprobs import packed_logprobs
 from deepeyesv2.model import build_model
 from deepeyesv2.packing import Sample, first_fit_decreasing, pack
 

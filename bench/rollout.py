@@ -23,7 +23,8 @@ from PIL import Image
 from bench._common import exact_row, fmt_seconds, interleave, load_cell, paired_row, ratio_cell, render_table
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2_rollout.engine import EmbeddedEngine, ScriptedEngine
-from deepeyesv2_rollout.episode import EpisodeLimits, Prompt, run_episodes
+from deepeyesv2_rollout.episode import EpisodeLimits, run_episodes
+from deepeyesv2_rollout.types import Prompt
 from deepeyesv2_rollout.tools import default_registry
 from deepeyesv2_rollout.types import SamplingParams
 

@@ -1,6 +1,7 @@
 """Varlen attention for packed rows: sequences side by side in one row must not attend to each other.
 
-Resetting position ids alone does not isolate packed sequences under SDPA (see shared/RECIPE.md), so
+Resetting position ids alone does not isolate packed sequences under SDPA (a causal mask over the whole
+row still lets a sequence attend to the ones packed before it), so
 the text model runs an attention function registered with transformers' `AttentionInterface` that
 reads `cu_seq_lens_q` and attends within each segment:
 
@@ -17,12 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "flash", "xformers")
+from .config import ATTN_BACKENDS
 
 
 def impl_name(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
     return f"deepeyesv2_varlen_{backend}"
 
 
@@ -105,7 +106,7 @@ def register_varlen_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    for backend in BACKENDS:
+    for backend in ATTN_BACKENDS:
         name = impl_name(backend)
         AttentionInterface.register(name, _make_attention(backend))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)

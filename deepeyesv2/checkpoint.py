@@ -34,6 +34,8 @@ import torch
 import xxhash
 
 from .data import DataState
+from .lora import adapter_state, is_lora, load_adapter_state, merged_model
+from .metrics import METRICS_FILE
 
 ADAPTER_FILE = "lora_adapter.pt"
 
@@ -225,8 +227,6 @@ def save_checkpoint(
     previous = latest_checkpoint(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step_{step:06d}_", dir=root))
     try:
-        from .lora import adapter_state, is_lora, merged_model
-
         if is_lora(model):
             # A LoRA run writes the merged model (the directory stays a plain HF checkpoint that
             # build_model loads, e.g. to start RL from an SFT-with-LoRA run) and the adapters, which
@@ -365,8 +365,6 @@ def _resolve(path: str | Path, verify: bool = True) -> Path:
 
 def run_leftovers(out_dir: str | Path) -> list[str]:
     """What a previous run left in out_dir that a fresh run would mix with: logged metrics rows, checkpoints."""
-    from .metrics import METRICS_FILE
-
     out = Path(out_dir)
     found = []
     metrics = out / METRICS_FILE
@@ -391,8 +389,6 @@ def prepare_run_dir(out_dir: str | Path, resume: bool, overwrite: bool, main: bo
       names it and the flags, unless `overwrite`, which deletes what our runs write there (metrics.jsonl,
       checkpoints/, tensorboard/, plots/) and nothing else.
     `main` (default: rank 0 of the launch) does the deleting and the talking; other ranks only decide."""
-    from .metrics import METRICS_FILE
-
     out = Path(out_dir)
     main = launch_rank0() if main is None else main
     quiet: Callable[[str], None] = log if main else (lambda _msg: None)
@@ -453,8 +449,6 @@ def load_checkpoint(
     except Exception as e:
         raise CheckpointError(f"{ckpt / STATE_FILE}: cannot read trainer state ({type(e).__name__}: {e})") from None
     if model is not None:
-        from .lora import is_lora, load_adapter_state
-
         if is_lora(model):
             if not (ckpt / ADAPTER_FILE).exists():
                 raise CheckpointError(f"{ckpt}: the model has LoRA adapters but the checkpoint holds none "

@@ -2,12 +2,18 @@
 
 `deepeyesv2 rl --config run.yaml --rl.group_size 8` maps onto the same fields: YAML keys and dotted
 CLI flags are the dataclass field names, and an unknown key is an error that names it.
+
+Every config dataclass lives here and this module imports nothing else of the trainer: it is the bottom of
+the package's import graph. The names a field may take (attention backends, LoRA targets, built-in rewards)
+are defined here too, and the modules that implement them import these names (the kernels' loss modes come
+from `deepeyesv2_kernels.grpo_terms`, the package below ours).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +21,34 @@ from typing import Any, Callable
 
 import yaml
 
-from .model import ModelConfig
+# before jsonargparse is imported: its deprecation warnings are about its own API, not the user's config
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+from jsonargparse import ActionConfigFile, ArgumentParser  # noqa: E402
+
+from deepeyesv2_kernels.grpo_terms import KL_ESTIMATORS, LOSS_AGGS
+
+ATTN_BACKENDS = ("sdpa", "flash", "xformers")  # implemented in deepeyesv2.attention
+LORA_ATTN_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})  # deepeyesv2.lora
+LORA_MLP_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
+REWARD_NAMES = ("deepeyesv2", "deepeyes_v1")  # deepeyesv2.rewards.REWARD_FNS' keys
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to train. `name_or_path` is a preset name (random weights, tiny tokenizer) or a local
+    directory holding a Qwen2.5-VL checkpoint (config, safetensors, tokenizer, preprocessor_config)."""
+
+    name_or_path: str = "tiny"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_backend: str = "sdpa"  # sdpa | flash | xformers (see deepeyesv2.attention)
+    seed: int = 0
+    device: str = "auto"  # auto = this process's GPU if there is one, else cpu (deepeyesv2.precision)
+    freeze_vision: bool = True
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
+    lora_rank: int = 0  # > 0: train LoRA adapters on the text model only (see deepeyesv2.lora); 0 = full fine-tune
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -36,7 +69,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     grad_accum: int = 1
-    offload_states: bool = False  # AdamW moments + fp32 master weights in host memory (deepeyesv2.memory)
+    offload_states: bool = False  # AdamW moments + fp32 master weights in host memory (deepeyesv2.optim.OffloadedAdamW)
 
 
 @dataclass
@@ -171,15 +204,11 @@ def _device_ok(v: Any) -> bool:
 
 
 def _reward_ok(v: Any) -> bool:
-    from .rewards import REWARD_FNS
-
-    return isinstance(v, str) and (v in REWARD_FNS or re.fullmatch(r"[\w.]+:[\w.]+", v) is not None)
+    return isinstance(v, str) and (v in REWARD_NAMES or re.fullmatch(r"[\w.]+:[\w.]+", v) is not None)
 
 
 def _lora_targets_ok(v: Any) -> bool:
-    from .lora import _ATTN, _MLP
-
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(t in _ATTN | _MLP for t in v)
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(t in LORA_ATTN_TARGETS | LORA_MLP_TARGETS for t in v)
 
 
 def _betas_ok(v: Any) -> bool:
@@ -188,14 +217,10 @@ def _betas_ok(v: Any) -> bool:
 
 def constraints() -> dict[str, Check]:
     """Dotted key -> Check, for every field of Config."""
-    from deepeyesv2_kernels.grpo_terms import KL_ESTIMATORS, LOSS_AGGS
-
-    from .attention import BACKENDS
-
     return {
         "model.name_or_path": NONEMPTY,
         "model.dtype": one_of("float32", "bfloat16", "float16"),
-        "model.attn_backend": one_of(*BACKENDS),
+        "model.attn_backend": one_of(*ATTN_BACKENDS),
         "model.seed": integer(0),
         "model.device": Check(_device_ok, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
         "model.freeze_vision": BOOL,
@@ -292,13 +317,15 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def error_line(e: BaseException) -> str:
+    """One line for a config error: the first two non-empty lines of jsonargparse's message (the bad key and
+    why) or of ours, joined."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2]) or repr(e)
+
+
 def config_parser(prog: str = "deepeyesv2"):
     """jsonargparse parser over `Config`: `--config file.yaml` plus dotted overrides (`--rl.group_size 8`)."""
-    import os
-
-    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     parser = ArgumentParser(prog=prog, exit_on_error=False, default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the fields below")
     parser.add_class_arguments(Config)
@@ -323,8 +350,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         ns = parser.parse_args(argv)
     except Exception as e:  # jsonargparse raises ArgumentError/SystemExit-like errors with the key named
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise ConfigError(" ".join(lines[:2]) or repr(e)) from None
+        raise ConfigError(error_line(e)) from None
     return validate(config_from_namespace(parser, ns))
 
 

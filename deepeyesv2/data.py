@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from deepeyesv2_rollout.chat import ChatFormatError, ChatProcessor, load_image, render_chat
+from deepeyesv2_rollout.types import Prompt
 
 from .packing import Sample
 from .rewards import ANSWER_TYPES
@@ -304,27 +305,9 @@ def sft_samples(records: list[dict], processor: ChatProcessor, base_dir: str | P
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PromptRecord:
-    """One RL prompt (RealX-Bench-like). images: resolved paths (or inline data) in order."""
-
-    id: str
-    question: str
-    answer: str | list[str]
-    images: list[Any] = field(default_factory=list)
-    category: str = "reasoning"
-    answer_type: str = "auto"
-    extra: dict = field(default_factory=dict)  # any other fields of the record
-
-    def meta(self) -> dict:
-        """What a rollout Trajectory carries for the reward: answer, answer_type, category, question, id."""
-        return {"id": self.id, "question": self.question, "answer": self.answer, "category": self.category,
-                "answer_type": self.answer_type, **self.extra}
-
-
 def prompt_record(rec: dict, name: str, base_dir: str | Path | None = None, check_images: bool = True,
-                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> PromptRecord:
-    """A validated PromptRecord. With `check_images`, every image is found and its header read (check_image):
+                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> Prompt:
+    """A validated RL Prompt. With `check_images`, every image is found and its header read (check_image):
     a missing, corrupt, oversized or extreme-aspect image fails here, naming `name` (file:line), not at the
     step that first samples the prompt."""
     def need(key: str, types: tuple, what: str) -> Any:
@@ -374,16 +357,17 @@ def prompt_record(rec: dict, name: str, base_dir: str | Path | None = None, chec
         resolved.append(ref)
     known = {"id", "question", "answer", "images", "category", "answer_type"}
     extra = {k: v for k, v in rec.items() if k not in known and not k.startswith("_")}
-    return PromptRecord(str(pid), question, answer, resolved, category, answer_type, extra)
+    return Prompt(id=str(pid), question=question, images=resolved, answer=answer, answer_type=answer_type,
+                  category=category, metadata=extra)
 
 
 def load_prompts(path: str | Path, image_root: str | Path | None = None, max_bad_lines: int = 0,
-                 check_images: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[PromptRecord]:
+                 check_images: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[Prompt]:
     """RL prompts from JSONL: {"id", "question", "images", "answer", "category", "answer_type"}; relative image
     paths resolve against `image_root` (default: the file's folder). Duplicate ids are an error."""
     path = Path(path)
     base = Path(image_root) if image_root else path.parent
-    out: list[PromptRecord] = []
+    out: list[Prompt] = []
     seen: dict[str, str] = {}
     for i, rec in enumerate(load_jsonl(path, max_bad_lines=max_bad_lines)):
         name = record_name(rec, i)

@@ -2,7 +2,7 @@
 
 `apply_lora` wraps the model in a `peft.PeftModel` whose adapters sit on the text model's projections only
 (the vision tower has `gate_proj`/`up_proj`/`down_proj` too, so targets are matched by a regex anchored at
-`language_model.layers.N`). The adapters are injected in place: `deepeyesv2.model.unwrap_model` gives the plain
+`language_model.layers.N`). The adapters are injected in place: `unwrap_model` (deepeyesv2.model) gives the plain
 Qwen2.5-VL module tree with the adapters active, which is what the packed forward and the rollout engine use.
 
 The KL reference for free: the base model is the policy with its adapters switched off
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .model import ModelConfig
+from .config import LORA_ATTN_TARGETS as _ATTN, LORA_MLP_TARGETS as _MLP, ModelConfig
+from .host_copy import cpu_copy
 
 TEXT_LAYER_PREFIX = r"(?:.*\.)?language_model\.layers\.\d+\."
-_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
-_MLP = {"gate_proj", "up_proj", "down_proj"}
 
 
 def target_regex(targets: tuple[str, ...] | list[str]) -> str:
@@ -68,8 +67,6 @@ def apply_lora(model, cfg: ModelConfig):
 def merged_model(model):
     """A plain Qwen2.5-VL with the adapters folded into the weights, in host memory (a copy made tensor by
     tensor: `model` keeps training, and a checkpoint save never holds a second model on the accelerator)."""
-    from .memory import cpu_copy
-
     if not is_lora(model):
         raise ValueError("merged_model: the model has no LoRA adapters")
     return cpu_copy(model).merge_and_unload()

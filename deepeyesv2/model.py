@@ -6,7 +6,6 @@ so tests and the CPU demo exercise the code that trains real checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +14,8 @@ from deepeyesv2_rollout.chat import ChatProcessor
 from deepeyesv2_rollout.qwen import embed_inputs
 
 from .attention import impl_name, register_varlen_attention
+from .config import ModelConfig
+from .lora import apply_lora
 from .packing import PackedBatch
 from .precision import resolve_device
 
@@ -38,31 +39,13 @@ PRESETS: dict[str, dict] = {
 }
 
 
-@dataclass
-class ModelConfig:
-    """Which policy to train. `name_or_path` is a preset name (random weights, tiny tokenizer) or a local
-    directory holding a Qwen2.5-VL checkpoint (config, safetensors, tokenizer, preprocessor_config)."""
-
-    name_or_path: str = "tiny"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    attn_backend: str = "sdpa"  # sdpa | flash | xformers (see deepeyesv2.attention)
-    seed: int = 0
-    device: str = "auto"  # auto = this process's GPU if there is one, else cpu (deepeyesv2.precision)
-    freeze_vision: bool = True
-    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
-    lora_rank: int = 0  # > 0: train LoRA adapters on the text model only (see deepeyesv2.lora); 0 = full fine-tune
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def load_processor(name_or_path: str = "tiny") -> ChatProcessor:
     if name_or_path in PRESETS:
         return ChatProcessor.from_pretrained(TINY_PROCESSOR_DIR)
     return ChatProcessor.from_pretrained(name_or_path)
 
 
-def _tiny_config(preset: dict, processor: ChatProcessor):
+def preset_config(preset: dict, processor: ChatProcessor):
     from transformers import Qwen2_5_VLConfig
 
     text = dict(preset["text"])
@@ -102,7 +85,7 @@ def build_model(cfg: ModelConfig | None = None, processor: ChatProcessor | None 
     attn = {"text_config": impl_name(cfg.attn_backend), "vision_config": "sdpa", "": "sdpa"}
     transformers.logging.set_verbosity_error()
     if cfg.name_or_path in PRESETS:
-        config = _tiny_config(PRESETS[cfg.name_or_path], processor)
+        config = preset_config(PRESETS[cfg.name_or_path], processor)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
@@ -120,8 +103,6 @@ def build_model(cfg: ModelConfig | None = None, processor: ChatProcessor | None 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank > 0:
-        from .lora import apply_lora
-
         model = apply_lora(model, cfg)
     return model, processor
 

@@ -167,3 +167,53 @@ def pack_by_budget(samples: list[Sample], budget: int, image_token_id: int, spat
     """FFD-pack samples into rows of at most `budget` tokens; seq_ids index into `samples`."""
     bins = first_fit_decreasing([len(s) for s in samples], budget, [s.name for s in samples])
     return [pack([samples[i] for i in b], image_token_id, spatial_merge_size, seq_ids=b) for b in bins]
+
+
+def split_row(row: PackedBatch, token_budget: int, image_token_id: int, spatial_merge_size: int = 2) -> list[PackedBatch]:
+    """Split a packed row into rows of whole sequences with at most `token_budget` tokens each (a sequence
+    longer than the budget goes alone: a sequence cannot be split without a KV cache). Images follow their
+    sequence; position ids, targets, masks and token fields are sliced, cu_seqlens rebuilt."""
+    if token_budget <= 0:
+        raise ValueError(f"token_budget must be > 0, got {token_budget}")
+    cu = row.cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    # images per sequence, from the <|image_pad|> counts (grids are in order of appearance)
+    grids = row.image_grid_thw.tolist() if row.image_grid_thw is not None else []
+    pads = [int((row.input_ids[a:b] == image_token_id).sum()) for a, b in zip(cu[:-1], cu[1:])]
+    img_of_seq, i = [], 0
+    patch_start = [0]
+    for t, h, w in grids:
+        patch_start.append(patch_start[-1] + t * h * w)
+    for n_pad in pads:
+        first = i
+        while n_pad > 0:
+            if i >= len(grids):
+                raise ValueError("split_row: <|image_pad|> tokens without a matching image_grid_thw row")
+            t, h, w = grids[i]
+            n_pad -= t * h * w // spatial_merge_size**2
+            i += 1
+        img_of_seq.append((first, i))
+    groups, cur, size = [], [], 0
+    for s, n in enumerate(lens):
+        if cur and size + n > token_budget:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(s)
+        size += n
+    if cur:
+        groups.append(cur)
+    out = []
+    for g in groups:
+        a, b = cu[g[0]], cu[g[-1] + 1]
+        i0, i1 = img_of_seq[g[0]][0], img_of_seq[g[-1]][1]
+        has_img = i1 > i0
+        out.append(PackedBatch(
+            input_ids=row.input_ids[a:b], position_ids=row.position_ids[:, a:b],
+            cu_seqlens=torch.tensor([0] + [cu[s + 1] - a for s in g], dtype=torch.int32, device=row.cu_seqlens.device),
+            targets=row.targets[a:b], loss_mask=row.loss_mask[a:b],
+            pixel_values=row.pixel_values[patch_start[i0]:patch_start[i1]] if has_img else None,
+            image_grid_thw=row.image_grid_thw[i0:i1] if has_img else None,
+            seq_ids=row.seq_ids[g[0]:g[-1] + 1], max_seqlen=max(lens[s] for s in g),
+            token_fields={k: v[a:b] for k, v in row.token_fields.items()},
+        ))
+    return out

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 import torch
 
 from .lora import is_lora
-from .memory import budgeted_logprobs, cpu_copy
+from .host_copy import cpu_copy
 from .packing import PackedBatch
+from .policy_logprobs import budgeted_logprobs
 
 
 def _device_of(model) -> torch.device:

@@ -5,7 +5,7 @@ same thing in both places. Reward functions take a `RewardInput` (plain values, 
 return a `RewardResult(total, components)`; `score` wraps a call so that a failing reward function
 raises a `RewardError` naming the trajectory and the function instead of silently scoring 0.
 
-Rules (RECIPE.md, from DeepEyesV2's `verl/utils/reward_score/deepeyesv2.py`):
+Rules (from DeepEyesV2's released `verl/utils/reward_score/deepeyesv2.py`):
   deepeyesv2:  0.8 * acc * (1 - 0.1 [search task and a <tool_call> used]) + 0.2 * format
                answers of 300+ characters: acc = 0 and a format error (an anti-judge-hacking rule)
   deepeyes_v1: 0.8 * acc + 0.2 * format + 1.2 * [a tool was called and acc > 0.5]
@@ -21,6 +21,11 @@ import string
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
+
+from deepeyesv2_rollout.protocol import format_ok as protocol_format_ok
+from deepeyesv2_rollout.types import Trajectory
+
+from .config import REWARD_NAMES
 
 ANSWER_TYPES = ("auto", "exact", "numeric", "choice", "judge")
 MAX_ANSWER_CHARS = 300  # DeepEyesV2: `len(answer_text) >= 300` -> accuracy 0 and a format error
@@ -253,7 +258,7 @@ def used_tool_call(inp: RewardInput) -> bool:
 
 
 def deepeyesv2_reward(inp: RewardInput, judge: Judge | None = None, rel_tol: float = 1e-2) -> RewardResult:
-    """0.8 * acc * (1 - 0.1 * [search task and <tool_call> used]) + 0.2 * format (RECIPE.md; DeepEyesV2
+    """0.8 * acc * (1 - 0.1 * [search task and <tool_call> used]) + 0.2 * format (DeepEyesV2's
     `compute_score_search`: `0.8 * acc_reward * (1 - search_penalty) + 0.2 * format_reward`)."""
     acc, fmt, long_answer = _accuracy_and_format(inp, judge, rel_tol, long_answer_rule=True)
     penalty = SEARCH_TOOL_PENALTY if inp.category == "search" and used_tool_call(inp) else 0.0
@@ -276,6 +281,8 @@ REWARD_FNS: dict[str, Callable[..., RewardResult]] = {
     "deepeyesv2": deepeyesv2_reward,
     "deepeyes_v1": deepeyes_v1_reward,
 }
+# config.py validates `rl.reward` against REWARD_NAMES before anything is built; the two must not drift
+assert tuple(REWARD_FNS) == REWARD_NAMES, (tuple(REWARD_FNS), REWARD_NAMES)
 
 
 def get_reward_fn(name: str, **params: Any) -> RewardFn:
@@ -333,25 +340,10 @@ def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float = 1.
 
 
 # ---------------------------------------------------------------------------------------------
-# From a rollout Trajectory (duck-typed; rollout is imported lazily and optionally)
+# From a rollout Trajectory
 # ---------------------------------------------------------------------------------------------
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def _fallback_format_ok(turn_texts: list[str]) -> bool:
-    """DeepEyesV2's format rule when the rollout protocol module is unavailable: balanced <think>, <code>,
-    <tool_call> and <answer> tags in every turn, and exactly one <answer>...</answer> after the last </think>."""
-    if not turn_texts:
-        return False
-    for text in turn_texts:
-        if "<|im_start|>" in text:
-            return False
-        for tag in ("think", "code", "tool_call", "answer"):
-            if text.count(f"<{tag}>") != text.count(f"</{tag}>"):
-                return False
-    last = turn_texts[-1].split("</think>")[-1]
-    return last.count("<answer>") == 1 and bool((_ANSWER_RE.search(last) or [None, ""])[1].strip())
 
 
 def policy_turn_texts(token_ids, loss_mask, processor, start: int = 0) -> list[str]:
@@ -372,52 +364,41 @@ def policy_turn_texts(token_ids, loss_mask, processor, start: int = 0) -> list[s
     return turns
 
 
-def trajectory_turn_texts(traj: Any, processor: Any) -> list[str]:
+def trajectory_turn_texts(traj: Trajectory, processor: Any) -> list[str]:
     """The policy's turns as text: `traj.turn_texts` if the rollout filled it, else decoded from
     `turn_spans`, else from the runs of loss_mask == 1 after the prompt."""
-    texts = list(getattr(traj, "turn_texts", None) or [])
-    if texts:
-        return texts
-    spans = list(getattr(traj, "turn_spans", None) or [])
-    ids = list(traj.token_ids)
-    if spans:
-        return [processor.decode([int(t) for t in ids[a:b]], skip_special_tokens=False) for a, b in spans]
-    return policy_turn_texts(ids, traj.loss_mask, processor, start=int(getattr(traj, "prompt_len", 0) or 0))
+    if traj.turn_texts:
+        return list(traj.turn_texts)
+    if traj.turn_spans:
+        return [processor.decode([int(t) for t in traj.token_ids[a:b]], skip_special_tokens=False) for a, b in traj.turn_spans]
+    return policy_turn_texts(traj.token_ids, traj.loss_mask, processor, start=traj.prompt_len)
 
 
-def trajectory_id(traj: Any) -> str:
-    meta = getattr(traj, "meta", None) or getattr(traj, "metadata", None) or {}
-    pid = getattr(traj, "id", None) or getattr(traj, "prompt_id", None) or meta.get("id") or "?"
-    return f"{pid}#{getattr(traj, 'sample_index', getattr(traj, 'group_id', '?'))}"
+def trajectory_id(traj: Trajectory) -> str:
+    return f"{traj.prompt_id or '?'}#{traj.sample_index}"
 
 
-def reward_input_from_trajectory(traj: Any, processor: Any) -> RewardInput:
-    """Build a RewardInput from a rollout Trajectory (duck-typed: token_ids, loss_mask, turn_texts or
-    turn_spans, tool_calls with .name/.status, answer, and `meta`/`metadata` holding the prompt's
-    answer, answer_type, category and question)."""
-    meta = dict(getattr(traj, "meta", None) or getattr(traj, "metadata", None) or {})
+def reward_input_from_trajectory(traj: Trajectory, processor: Any) -> RewardInput:
+    """A RewardInput from a rollout Trajectory: the policy's turns (decoded), its tool calls, its answer, and
+    the gold answer, answer type, category and question of the Prompt it ran (`traj.prompt`)."""
     tid = trajectory_id(traj)
-    if meta.get("answer") is None:
-        raise RewardError(f"trajectory {tid}: its meta has no gold 'answer'")
+    p = traj.prompt
+    if p is None or p.answer is None:
+        raise RewardError(f"trajectory {tid}: its prompt has no gold 'answer'")
     turns = trajectory_turn_texts(traj, processor)
-    try:
-        from deepeyesv2_rollout.protocol import format_ok as protocol_format_ok
-    except ImportError:  # rollout is optional here: rewards stay usable on plain values
-        protocol_format_ok = _fallback_format_ok
-    answer = getattr(traj, "answer", None)
+    answer = traj.answer
     if answer is None and turns:
         m = _ANSWER_RE.findall(turns[-1])
         answer = m[-1].strip() if m else None
-    calls = list(getattr(traj, "tool_calls", None) or [])
     return RewardInput(
         answer=answer,
-        gold=meta["answer"],
-        answer_type=meta.get("answer_type") or "auto",
-        category=meta.get("category") or "",
-        question=meta.get("question") or "",
+        gold=p.answer,
+        answer_type=p.answer_type or "auto",
+        category=p.category or "",
+        question=p.question or "",
         format_ok=bool(protocol_format_ok(turns)),
-        tool_names=[str(getattr(c, "name", "")) for c in calls],
-        failed_tool_calls=sum(1 for c in calls if getattr(c, "status", "ok") != "ok"),
+        tool_names=[c.name for c in traj.tool_calls],
+        failed_tool_calls=sum(1 for c in traj.tool_calls if c.status != "ok"),
         response_text="\n".join(turns),
         id=tid,
     )

@@ -21,7 +21,6 @@ episodes.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,24 +30,23 @@ import torch
 from tqdm.auto import tqdm
 
 from deepeyesv2_kernels import fused_linear_grpo_loss, group_advantages
-from deepeyesv2_rollout.types import Trajectory, logprob_temperature
+from deepeyesv2_rollout.types import Prompt, Trajectory, logprob_temperature
 
-from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint, say
+from . import parallel
+from .checkpoint import prepare_run_dir, say
 from .config import Config, validate
-from .data import DataState, PromptRecord, ShuffledIterator, load_prompts
-from . import distributed
-from .distributed import DataParallel, all_gather_ints, all_sum, all_weighted_mean
-from .logprobs import packed_logprobs
-from .metrics import MetricsLogger, peak_memory_bytes
+from .data import DataState, ShuffledIterator, load_prompts
 from .lora import is_lora
-from .memory import budgeted_logprobs, build_train_optimizer
+from .metrics import MetricsLogger, peak_memory_bytes
 from .model import build_model, packed_hidden, unwrap_model
-from .optim import clip_and_step, extend_schedule
+from .optim import build_optimizer, extend_schedule
 from .packing import PackedBatch, Sample, pack_by_budget
+from .parallel import all_gather_ints, all_sum, all_weighted_mean
+from .policy_logprobs import budgeted_logprobs
 from .precision import amp, set_matmul_precision
 from .rewards import RewardResult, get_reward_fn, overlong_penalty, reward_input_from_trajectory, score
 from .reference import make_reference
-from .rollouts import Rollouts, make_rollouts
+from .rollout_setup import Rollouts, make_rollouts
 
 
 @dataclass
@@ -88,7 +86,7 @@ def trajectory_sample(t: Trajectory, name: str, vision_ids: set[int]) -> Sample:
     )
 
 
-def collect_groups(rollouts: Rollouts, prompts: list[PromptRecord], order: ShuffledIterator, processor, reward_fn, cfg: Config) -> tuple[list[ScoredGroup], dict]:
+def collect_groups(rollouts: Rollouts, prompts: list[Prompt], order: ShuffledIterator, processor, reward_fn, cfg: Config) -> tuple[list[ScoredGroup], dict]:
     """Roll out prompts_per_step prompts; with dynamic sampling, drop all-equal groups and refill.
 
     Under torchrun each rank fills its own quota (prompts_per_step split over the ranks). A round takes the
@@ -96,7 +94,7 @@ def collect_groups(rollouts: Rollouts, prompts: list[PromptRecord], order: Shuff
     slice, so the order advances as in one process and, with nothing dropped, the ranks together roll out
     exactly the prompts, seeds and group ids a single process would. Returns this rank's groups and the
     global drop counts."""
-    W, me = distributed.world_size(), distributed.rank()
+    W, me = parallel.world_size(), parallel.rank()
     if cfg.rl.prompts_per_step < W:
         raise ValueError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} is smaller than the world size {W}: "
                          "every rank needs at least one prompt per step")
@@ -173,14 +171,12 @@ def build_rows(groups: list[ScoredGroup], budget: int, processor) -> tuple[list[
     return rows, torch.tensor(rewards, dtype=torch.float32), torch.tensor(gids, dtype=torch.long)
 
 
-def policy_loss(model, row: PackedBatch, adv: torch.Tensor, cfg: Config, num_tokens: float, ref_model=None) -> tuple[torch.Tensor, dict]:
-    """Fused lm-head + GRPO/DAPO loss on one packed row (no [T, V] logits)."""
+def policy_loss(model, row: PackedBatch, adv: torch.Tensor, cfg: Config, num_tokens: float) -> tuple[torch.Tensor, dict]:
+    """Fused lm-head + GRPO/DAPO loss on one packed row (no [T, V] logits). With a KL term, the row carries its
+    reference log-probs in token_fields["ref_logprobs"] (update_policy computes them up front)."""
     device = model.lm_head.weight.device
     row, adv = row.to(device), adv.to(device)  # rows and advantages are built on the host; no-ops on CPU
-    ref_lp = row.token_fields.get("ref_logprobs") if cfg.rl.kl_coef > 0 else None
-    if ref_lp is None and ref_model is not None and cfg.rl.kl_coef > 0 and not hasattr(ref_model, "row_logprobs"):
-        with torch.no_grad():
-            ref_lp, _ = packed_logprobs(ref_model, row, temperature=cfg.rollout.temperature)
+    ref_lp = row.token_fields["ref_logprobs"] if cfg.rl.kl_coef > 0 else None
     hidden = packed_hidden(model, row)
     return fused_linear_grpo_loss(
         hidden.contiguous(), model.lm_head.weight, row.targets,
@@ -192,23 +188,24 @@ def policy_loss(model, row: PackedBatch, adv: torch.Tensor, cfg: Config, num_tok
     )
 
 
-def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg: Config, ref_model=None,
-                  dp: DataParallel | None = None, full_weights=nullcontext) -> dict:
+def update_policy(par: parallel.Parallel, opt, sched, rows: list[PackedBatch], rewards, gids, cfg: Config,
+                  ref_model=None) -> dict:
     """ppo_epochs x mini_batches optimizer steps over the packed rows.
 
-    With `dp` (FSDP2 over ranks) `rows` are this rank's rows; every mini-batch's loss is normalised by the
-    global token count and gradients are summed over ranks, so the update equals one process training on
-    all ranks' rows. A rank with fewer rows in a mini-batch runs zero-weighted passes over one of its rows,
-    because every rank must run as many FSDP2 forwards/backwards (they are collectives). `full_weights`: the
-    context in which `model` holds its full weights (dp.full_weights under FSDP2) for the no-grad recompute
-    of the old log-probs, which each rank runs over its own rows."""
+    `rows` are this rank's rows; every mini-batch's loss is normalised by the global token count and gradients
+    are summed over ranks, so the update equals one process training on all ranks' rows. Under FSDP2 a rank
+    with fewer rows in a mini-batch runs zero-weighted passes over one of its rows, because every rank must run
+    as many forwards/backwards (they are collectives). The no-grad recompute of the old log-probs runs inside
+    `par.full_weights()` (each rank over its own rows). `ref_model`: deepeyesv2.reference.make_reference's."""
     budget = cfg.train.logprob_tokens_budget
-    autocast = amp(cfg.train.autocast, model)
+    autocast = amp(cfg.train.autocast, par.policy)
     if cfg.rl.recompute_old_logprobs:
-        with full_weights(), autocast():
+        with par.full_weights() as policy, autocast():
             for row in rows:
-                row.token_fields["old_logprobs"] = budgeted_logprobs(model, row, logprob_temperature(cfg.rollout.temperature), budget)
-    if cfg.rl.kl_coef > 0 and hasattr(ref_model, "row_logprobs"):
+                row.token_fields["old_logprobs"] = budgeted_logprobs(policy, row, logprob_temperature(cfg.rollout.temperature), budget)
+    if cfg.rl.kl_coef > 0:
+        if ref_model is None:
+            raise ValueError("rl.kl_coef > 0 needs a reference policy (deepeyesv2.reference.make_reference)")
         # All reference log-probs up front: a CPU-parked reference visits the device once, before any
         # training activations exist; with LoRA it is the policy itself with adapters off.
         with autocast():
@@ -235,13 +232,9 @@ def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg
             passes = max(all_gather_ints(len(idx)))
             for j in range(passes):
                 i = idx[min(j, len(idx) - 1)]
-                if dp is not None:
-                    dp.set_sync(j == passes - 1)  # reduce-scatter once per mini-batch, after its last pass
+                par.set_sync(j == passes - 1)  # FSDP2: reduce-scatter once per mini-batch, after its last pass
                 with autocast():
-                    if dp is None:
-                        loss, metrics = policy_loss(model, rows[i], advs[i], cfg, n_tok, ref_model)
-                    else:
-                        loss, metrics = dp.call(policy_loss, rows[i], advs[i], cfg, n_tok, ref_model)
+                    loss, metrics = par.call(policy_loss, rows[i], advs[i], cfg, n_tok)
                 # token-mean is already normalised by the mini-batch's token count; seq-mean modes are
                 # per-row means, weighted here by the row's share of sequences.
                 scale = 1.0 if cfg.rl.loss_agg == "token-mean" else rows[i].seq_ids.numel() / n_seq
@@ -254,7 +247,7 @@ def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg
                     for k, v in metrics.items():
                         acc[k][0] += float(v) * n_row
                         acc[k][1] += n_row
-            norm = clip_and_step(model, opt, sched, cfg.optim.grad_clip) if dp is None else dp.clip_and_step(opt, sched, cfg.optim.grad_clip)
+            norm = par.clip_and_step(opt, sched, cfg.optim.grad_clip)
             acc["grad_norm"][0] += norm
             acc["grad_norm"][1] += 1
     out = all_weighted_mean(acc)
@@ -263,9 +256,9 @@ def update_policy(model, opt, sched, rows: list[PackedBatch], rewards, gids, cfg
     return out
 
 
-def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None, processor=None,
+def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, processor=None,
              rollouts: Rollouts | None = None, reward_fn=None, progress: bool | None = None) -> dict:
-    """The RL loop. Under torchrun with > 1 ranks the policy is sharded with FSDP2 (deepeyesv2.distributed):
+    """The RL loop. Under torchrun with > 1 ranks the policy is sharded with FSDP2 (deepeyesv2.parallel.setup):
     each step all-gathers the full weights once for the rollouts (the engine samples from the gathered policy
     itself, or SGLang is pushed the gathered tensors) and reshards them for the update; each rank rolls out its
     share of the step's prompts and trains on its own episodes."""
@@ -288,25 +281,21 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
                          "merged weights each step); use rollout.engine='embedded'")
     # The KL reference (a frozen copy unless LoRA) is taken before sharding: a plain module on every rank.
     ref_model = make_reference(model, cfg.rl.kl_coef, cfg.rl.ref_on_cpu)
-    dp = DataParallel.shard(model) if distributed.init_from_env() else None
+    par = parallel.setup(model)  # FSDP2 under torchrun with > 1 ranks, else the single-process object
     set_matmul_precision(cfg.train.tf32, next(model.parameters()).device)
-    full_weights = dp.full_weights if dp is not None else nullcontext
     rollout_model = unwrap_model(model)
-    main = distributed.is_main()
+    main = par.is_main
     show = (cfg.train.progress if progress is None else progress) and main
     own_rollouts = rollouts is None
-    with full_weights():  # SGLang starts from the full weights
+    with par.full_weights():  # SGLang starts from the full weights
         rollouts = rollouts or make_rollouts(rollout_model, processor, cfg, progress=show)
     updates_per_step = cfg.rl.ppo_epochs * cfg.rl.mini_batches  # the schedule counts optimizer steps
-    opt, sched = build_train_optimizer(model, cfg.optim, cfg.train.steps * updates_per_step)
+    opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps * updates_per_step, par.world_size)
     out = Path(cfg.train.out_dir)
     logger = MetricsLogger(out)
     step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)
     if (ckpt := resume_from) is not None:
-        if dp is None:
-            step, state, _ = load_checkpoint(ckpt, model, opt, sched, verify=False)
-        else:
-            step, state, _ = dp.load_checkpoint(ckpt, opt, sched)
+        step, state, _ = par.load_checkpoint(ckpt, opt, sched)
         if (note := extend_schedule(sched, cfg.train.steps * updates_per_step)) and main:
             say(note)
     if main:
@@ -322,7 +311,7 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
             # step exactly. The rollouts' per-call offset (refills) restarts each step; the base is spaced
             # far enough apart that no two steps share a seed.
             rollouts.start_step((cfg.train.seed * 100_003 + step) * 1_000_003)
-            with full_weights():
+            with par.full_weights():
                 # the weights this step samples from (embedded: re-point, drop K/V of older weights; SGLang: push)
                 rollouts.engine.update_weights(rollout_model)
                 groups, ds = collect_groups(rollouts, prompts, order, processor, reward_fn, cfg)
@@ -335,13 +324,13 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
             model.train()
             t1 = time.perf_counter()
             lr = sched.get_last_lr()[0]  # the rate this step's first update uses
-            upd = update_policy(model, opt, sched, rows, rewards, gids, cfg, ref_model, dp=dp, full_weights=full_weights)
+            upd = update_policy(par, opt, sched, rows, rewards, gids, cfg, ref_model)
             t_train = time.perf_counter() - t1
             rollouts.engine.resume_memory()
             step += 1
             trained = int(all_sum(sum(int(r.loss_mask.sum()) for r in rows)))
-            episodes = [e for part in distributed.all_gather_objects(episode_summaries(groups)) for e in part]
-            engine = {k: v if dp is None else all_sum(v) for k, v in rollouts.engine_stats().items()}  # summed over ranks
+            episodes = [e for part in parallel.all_gather_objects(episode_summaries(groups)) for e in part]
+            engine = {k: all_sum(v) for k, v in rollouts.engine_stats().items()}  # summed over ranks
             last = {"step": step, **rollout_metrics(groups, episodes), **upd, **ds, "lr": lr,
                     "rollout_s": t_roll, "train_s": t_train, "trained_tokens": trained,
                     "tokens_per_s": all_sum(sum(r.num_tokens for r in rows)) / max(t_train, 1e-9),
@@ -352,12 +341,9 @@ def train_rl(cfg: Config, prompts: list[PromptRecord] | None = None, model=None,
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", tools=f"{last['tool_call_rate']:.2f}")
             if step % cfg.train.save_every == 0 or step == cfg.train.steps:
-                if dp is None:
-                    save_checkpoint(out, step, model, processor, opt, sched, order.state, {"stage": "rl"})
-                else:
-                    dp.save_checkpoint(out, step, processor, opt, sched, order.state, {"stage": "rl"})
+                par.save_checkpoint(out, step, processor, opt, sched, order.state, {"stage": "rl"})
         if last:
-            with full_weights():  # leave the engine on the final weights (a caller may keep sampling)
+            with par.full_weights():  # leave the engine on the final weights (a caller may keep sampling)
                 rollouts.engine.update_weights(rollout_model)
     finally:
         bar.close()

@@ -16,16 +16,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-from .checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint, say
+from . import parallel
+from .checkpoint import prepare_run_dir, say
 from .config import Config, validate
 from .data import DataState, load_jsonl, sft_samples
-from .logprobs import packed_logprobs
 from .metrics import MetricsLogger, peak_memory_bytes
 from .model import build_model
-from .memory import build_train_optimizer
-from .optim import clip_and_step, extend_schedule
+from .optim import build_optimizer, extend_schedule
 from .packing import PackedBatch, Sample, pack_by_budget
+from .policy_logprobs import packed_logprobs
 from .precision import amp, set_matmul_precision
 
 
@@ -38,27 +37,26 @@ def epoch_rows(samples: list[Sample], budget: int, image_token_id: int, seed: in
     return rows
 
 
-def sft_step(model, rows: list[PackedBatch], dp: "distributed.DataParallel | None" = None, autocast=nullcontext) -> tuple[float, int]:
+def sft_step(par: parallel.Parallel, rows: list[PackedBatch], autocast=nullcontext) -> tuple[float, int]:
     """Forward+backward over the rows of one optimizer step. Returns (mean NLL, trained tokens).
 
-    With `dp` (FSDP2 over ranks) `rows` is the whole step's rows on every rank: each rank runs its share,
-    and the loss is divided by the step's global token count (counted from the full `rows`, identical on
-    every rank, so no all-reduce is needed) -- with summed gradients that equals the single-process step.
+    `rows` is the whole step's rows on every rank; each rank runs its share (`par.local_rows`), and the loss is
+    divided by the step's global token count (counted from the full `rows`, identical on every rank, so no
+    all-reduce is needed) -- with summed gradients that equals the single-process step.
     `autocast`: a factory of the forward's precision context (deepeyesv2.precision.amp)."""
     n_tok = sum(int(r.loss_mask.sum()) for r in rows)
     if n_tok == 0:
         raise ValueError("an SFT step with no trained tokens: every assistant turn is masked or empty")
-    mine = rows if dp is None else dp.local_rows(rows)
+    mine = par.local_rows(rows)
     total = 0.0
     for i, row in enumerate(mine):
-        if dp is not None:
-            dp.set_sync(i == len(mine) - 1)  # reduce-scatter once per step, after the last row
+        par.set_sync(i == len(mine) - 1)  # FSDP2: reduce-scatter once per step, after the last row
         with autocast():
-            logp, _ = packed_logprobs(model, row) if dp is None else dp.logprobs(row)
+            logp, _ = par.call(packed_logprobs, row)
         loss = -logp.sum() / n_tok
         loss.backward()
         total += float(loss.detach())
-    return (total if dp is None else distributed.all_sum(total)), n_tok
+    return parallel.all_sum(total), n_tok
 
 
 def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, processor=None, progress: bool | None = None) -> dict:
@@ -76,27 +74,27 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
         samples = sft_samples(records, processor, base_dir=cfg.data.image_root or path.parent, source=path.name,
                               max_image_pixels=cfg.data.max_image_pixels)
     image_token_id = model.config.image_token_id
-    dp = distributed.setup(model)  # FSDP2 under torchrun with > 1 ranks, else None
+    par = parallel.setup(model)  # FSDP2 under torchrun with > 1 ranks, else the single-process object
     rows_per_step = cfg.train.rows_per_step * cfg.optim.grad_accum
     rows0 = epoch_rows(samples, cfg.train.tokens_per_batch, image_token_id, cfg.train.seed, 0)
     steps_per_epoch = max(1, len(rows0) // rows_per_step)
     total_steps = min(cfg.train.steps, steps_per_epoch * cfg.train.epochs)
-    opt, sched = build_train_optimizer(model, cfg.optim, total_steps)
+    opt, sched = build_optimizer(model, cfg.optim, total_steps, par.world_size)
     autocast = amp(cfg.train.autocast, model)
     set_matmul_precision(cfg.train.tf32, next(model.parameters()).device)
     out = Path(cfg.train.out_dir)
     logger = MetricsLogger(out)
     step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)
     if (ckpt := resume_from) is not None:
-        step, state, _ = load_checkpoint(ckpt, model, opt, sched, verify=False) if dp is None else dp.load_checkpoint(ckpt, opt, sched)
-        if (note := extend_schedule(sched, total_steps)) and distributed.is_main():
+        step, state, _ = par.load_checkpoint(ckpt, opt, sched)
+        if (note := extend_schedule(sched, total_steps)) and par.is_main:
             say(note)
-    if distributed.is_main():
+    if par.is_main:
         logger.truncate_after(step)  # a fresh run (step 0) starts an empty metrics.jsonl
     rows = rows0 if state.epoch == 0 else epoch_rows(samples, cfg.train.tokens_per_batch, image_token_id, cfg.train.seed, state.epoch)
     model.train()
     show = cfg.train.progress if progress is None else progress
-    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not show or not distributed.is_main(), dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not show or not par.is_main, dynamic_ncols=True)
     last: dict = {}
     while step < total_steps:
         if state.position + rows_per_step > len(rows):
@@ -104,9 +102,9 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
             rows = epoch_rows(samples, cfg.train.tokens_per_batch, image_token_id, cfg.train.seed, state.epoch)
         batch = rows[state.position : state.position + rows_per_step]
         t0 = time.perf_counter()
-        loss, n_tok = sft_step(model, batch, dp, autocast)
+        loss, n_tok = sft_step(par, batch, autocast)
         lr = sched.get_last_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
-        grad_norm = clip_and_step(model, opt, sched, cfg.optim.grad_clip) if dp is None else dp.clip_and_step(opt, sched, cfg.optim.grad_clip)
+        grad_norm = par.clip_and_step(opt, sched, cfg.optim.grad_clip)
         dt = time.perf_counter() - t0
         step += 1
         state = DataState(epoch=state.epoch, position=state.position + rows_per_step, seed=state.seed)
@@ -116,15 +114,12 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
             "tokens_per_s": sum(r.num_tokens for r in batch) / dt, "epoch": state.epoch,
             "peak_memory_gb": peak_memory_bytes() / 2**30,
         }
-        if (step % cfg.train.log_every == 0 or step == total_steps) and distributed.is_main():
+        if (step % cfg.train.log_every == 0 or step == total_steps) and par.is_main:
             logger.log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % cfg.train.save_every == 0 or step == total_steps:
-            if dp is None:
-                save_checkpoint(out, step, model, processor, opt, sched, state, {"stage": "sft"})
-            else:
-                dp.save_checkpoint(out, step, processor, opt, sched, state, {"stage": "sft"})
+            par.save_checkpoint(out, step, processor, opt, sched, state, {"stage": "sft"})
     bar.close()
     logger.close()
     return last

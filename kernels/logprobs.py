@@ -1,6 +1,6 @@
 """Fused linear -> per-token log-prob + entropy, never materialising the [T, V] logits.
 
-Layers (STYLE.md #3): Triton kernels `_logprobs_fwd_kernel` / `_logprobs_dlogits_kernel` -> `TritonLogprobsFunction`
+Layers (kernel, autograd Function, public op -- as in Liger-Kernel): Triton kernels `_logprobs_fwd_kernel` / `_logprobs_dlogits_kernel` -> `TritonLogprobsFunction`
 (torch.autograd.Function) -> `fused_logprobs`, which validates once on the host and dispatches to Triton (CUDA
 tensors, or any tensors under TRITON_INTERPRET=1) or to the chunked torch path in `logprobs_torch.py`.
 

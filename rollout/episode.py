@@ -32,38 +32,15 @@ from PIL import Image
 
 from .chat import ChatProcessor, fit_image, render_chat
 from .engine import Engine, stop_token_sets
-from .protocol import SYSTEM_PROMPT, Action, invalid_action_feedback, parse_action
+from .protocol import Action, invalid_action_feedback, parse_action
 from .radix_cache import image_hashes
-from .types import GenerateRequest, GenerateResult, SamplingParams, ToolCallRecord, Trajectory
+from .types import GenerateRequest, GenerateResult, Prompt, SamplingParams, ToolCallRecord, Trajectory
 
 PROTOCOL_TOOLS = ("code", "search", "image_search")
 TRUNCATION_NOTE = "\n...[output truncated]"
 MAX_ERROR_CHARS = 500  # Trajectory.error: an exception message can carry arbitrary tool output
 # Which stop_reason a failing stage gives (see types.STOP_REASONS).
 STAGE_STOP_REASONS = {"turn": "env_error", "tool": "tool_error", "observation": "env_error"}
-
-
-@dataclass
-class Prompt:
-    """One task. Either `messages` (chat.render_chat format, images by `<image>` placeholder or inline) or
-    `question` (rendered as one user turn with the images first). `system` is used when the messages
-    carry no system turn. `metadata` is passed through to every trajectory."""
-
-    id: str
-    question: str | None = None
-    images: list[Any] = field(default_factory=list)
-    answer: str | None = None
-    category: str | None = None
-    messages: list[dict] | None = None
-    system: str | None = SYSTEM_PROMPT
-    metadata: dict = field(default_factory=dict)
-
-    def chat_messages(self) -> list[dict]:
-        if self.messages is not None:
-            return self.messages
-        if self.question is None:
-            raise ValueError(f"prompt {self.id!r}: needs `messages` or `question`")
-        return [{"role": "user", "content": "<image>" * len(self.images) + self.question}]
 
 
 @dataclass
@@ -166,7 +143,7 @@ class _Episode:
             turn_spans=self.turn_spans, tool_calls=self.tool_calls, stop_reason=self.stop_reason or "unknown",
             group_id=self.group_id, prompt_len=self.prompt_len, num_turns=len(self.turn_spans), answer=self.answer,
             turn_texts=self.turn_texts, prompt_id=p.id, sample_index=self.sample_index,
-            metadata={**p.metadata, "question": p.question, "ground_truth": p.answer, "category": p.category},
+            prompt=p, metadata=dict(p.metadata),
             error=self.error,
         )
 

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .protocol import SYSTEM_PROMPT
+
 DEFAULT_STOP = ("</code>", "</tool_call>", "</answer>")
 FINISH_REASONS = ("stop", "length", "eos")
 # How an episode ended (Trajectory.stop_reason). tool_error: the tool call itself failed beyond what the tool
@@ -113,6 +115,34 @@ class GenerateResult:
 
 
 @dataclass
+class Prompt:
+    """One task, as the trainer loads it and the episode loop runs it: the one prompt type of both packages.
+
+    Either `messages` (chat.render_chat format, images by `<image>` placeholder or inline) or `question`
+    (rendered as one user turn with the images first). `system` is used when the messages carry no system
+    turn. `answer` is the gold answer (one string, or a list of accepted ones) with `answer_type` saying how
+    rewards match it (deepeyesv2.rewards.ANSWER_TYPES); `category` groups evaluation results. `metadata`: any
+    other fields of the record, passed through to every trajectory."""
+
+    id: str
+    question: str | None = None
+    images: list[Any] = field(default_factory=list)
+    answer: str | list[str] | None = None
+    answer_type: str = "auto"
+    category: str = ""
+    messages: list[dict] | None = None
+    system: str | None = SYSTEM_PROMPT
+    metadata: dict = field(default_factory=dict)
+
+    def chat_messages(self) -> list[dict]:
+        if self.messages is not None:
+            return self.messages
+        if self.question is None:
+            raise ValueError(f"prompt {self.id!r}: needs `messages` or `question`")
+        return [{"role": "user", "content": "<image>" * len(self.images) + self.question}]
+
+
+@dataclass
 class ToolCallRecord:
     name: str
     args: dict
@@ -131,7 +161,8 @@ class Trajectory:
     turn_spans: [start, end) of each policy turn in token_ids; tool_calls: one record per tool/code call;
     stop_reason: one of STOP_REASONS; error: "stage: ExceptionType: message (at file:line)" when the episode
     ended with tool_error / env_error, else None; answer: the text inside <answer>...</answer> (None if the
-    episode did not answer).
+    episode did not answer); prompt: the Prompt it ran (the gold answer, its type, category and question, held
+    once); metadata: the prompt's own extra fields.
     """
 
     token_ids: list[int]
@@ -152,6 +183,7 @@ class Trajectory:
     sample_index: int = 0
     metadata: dict = field(default_factory=dict)
     error: str | None = None
+    prompt: Prompt | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

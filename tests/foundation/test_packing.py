@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepeyesv2.logprobs import packed_logprobs
+from deepeyesv2.policy_logprobs import packed_logprobs
 from deepeyesv2.model import build_model, packed_hidden
 from deepeyesv2.packing import IGNORE_INDEX, PackingError, Sample, first_fit_decreasing, pack, pack_by_budget
 from deepeyesv2_rollout.chat import ChatFormatError, mrope_position_ids, render_chat

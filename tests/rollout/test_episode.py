@@ -11,7 +11,8 @@ from PIL import Image
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2_rollout.chat import mrope_position_ids, render_chat
 from deepeyesv2_rollout.engine import EmbeddedEngine, ScriptedEngine
-from deepeyesv2_rollout.episode import EpisodeLimits, Prompt, run_episodes
+from deepeyesv2_rollout.episode import EpisodeLimits, run_episodes
+from deepeyesv2_rollout.types import Prompt
 from deepeyesv2_rollout.protocol import format_ok
 from deepeyesv2_rollout.qwen import embed_inputs
 from deepeyesv2_rollout.tools.base import ToolRegistry, ToolResult
@@ -86,7 +87,7 @@ def test_scripted_three_turn_episode_token_by_token(tiny):
         assert traj.loss_mask == exp_mask, f"sample {g}: loss mask differs"
         assert traj.prompt_len == len(rendered.token_ids)
         assert traj.stop_reason == "answer" and traj.answer == "1889" and traj.num_turns == 3
-        assert traj.group_id == 0 and traj.sample_index == g and traj.metadata["ground_truth"] == "1889"
+        assert traj.group_id == 0 and traj.sample_index == g and traj.prompt.answer == "1889"
         starts = np.cumsum([0] + [len(p) for p, _ in pieces])
         assert traj.turn_spans == [(int(starts[1]), int(starts[2])), (int(starts[3]), int(starts[4])), (int(starts[5]), int(starts[6]))]
         assert [(c.name, c.args, c.status) for c in traj.tool_calls] == [

@@ -22,7 +22,8 @@ from PIL import Image
 import deepeyesv2_rollout.episode as episode_mod
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2_rollout.chat import mrope_position_ids
-from deepeyesv2_rollout.episode import EpisodeLimits, Prompt, run_episodes
+from deepeyesv2_rollout.episode import EpisodeLimits, run_episodes
+from deepeyesv2_rollout.types import Prompt
 from deepeyesv2_rollout.tools.base import ToolRegistry, ToolResult
 from deepeyesv2_rollout.types import GenerateResult, SamplingParams
 
@@ -275,7 +276,7 @@ def _fault_batch(proc, registry=None):
 
     registry = registry or ToolRegistry([EchoTool(), TextTool("search"), TextTool("image_search")])
     prompts = [Prompt(id=f"p{i}", question=f"Q{i}?", images=[_image(i)], answer="x",
-                      metadata={"answer": "x", "answer_type": "exact"}) for i in range(2)]
+                      answer_type="exact") for i in range(2)]
     return run_episodes(FakeEngine(proc, script), proc, registry, prompts, 2, SamplingParams(), EpisodeLimits(),
                         progress=False, session_factory=FakeSession)
 
@@ -349,7 +350,8 @@ def test_trainer_scores_packs_and_trains_failed_episodes(proc, stage, monkeypatc
     """The RL step's own functions take a batch with a failed episode: reward 0 (no answer, bad format),
     its policy tokens (none when the failing turn was rolled back) packed with their mask, a finite update."""
     from deepeyesv2.config import Config
-    from deepeyesv2.memory import build_train_optimizer
+    from deepeyesv2.optim import build_optimizer
+    from deepeyesv2.parallel import SingleProcess
     from deepeyesv2.model import build_model
     from deepeyesv2.rewards import get_reward_fn
     from deepeyesv2.rl import ScoredGroup, build_rows, rollout_metrics, score_trajectories, update_policy
@@ -369,8 +371,8 @@ def test_trainer_scores_packs_and_trains_failed_episodes(proc, stage, monkeypatc
     assert sum(int(r.loss_mask.sum()) for r in rows) == sum(sum(t.loss_mask) for t in trajs)
     assert sum(bad.loss_mask) == (0 if stage == "decode" else len(proc.encode(code_turn(BOOM))))
     model, _ = build_model(ModelConfig())
-    opt, sched = build_train_optimizer(model, cfg.optim, 1)
-    out = update_policy(model, opt, sched, rows, rewards, gids, cfg)
+    opt, sched = build_optimizer(model, cfg.optim, 1)
+    out = update_policy(SingleProcess(model), opt, sched, rows, rewards, gids, cfg)
     assert math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
     m = rollout_metrics(groups)
     assert m["answered_rate"] == 0.75 and m["reward"] == 0.75

@@ -14,7 +14,8 @@ from PIL import Image
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2_rollout.chat import mrope_position_ids, render_chat
 from deepeyesv2_rollout.engine import EmbeddedEngine
-from deepeyesv2_rollout.episode import EpisodeLimits, Prompt, run_episodes
+from deepeyesv2_rollout.episode import EpisodeLimits, run_episodes
+from deepeyesv2_rollout.types import Prompt
 from deepeyesv2_rollout.qwen import embed_inputs
 from deepeyesv2_rollout.sglang_engine import SGLangEngine, hf_to_checkpoint_name
 from deepeyesv2_rollout.tools.base import ToolRegistry, ToolResult
@@ -229,7 +230,7 @@ def test_trainer_starts_sglang_from_a_directory_with_the_policys_weights(tiny, m
     none), the policy's current weights are pushed before the first rollout, and closing the rollouts shuts
     SGLang's processes down."""
     from deepeyesv2.config import Config
-    from deepeyesv2.rollouts import make_rollouts
+    from deepeyesv2.rollout_setup import make_rollouts
 
     model, proc = tiny
     started = []

@@ -11,7 +11,7 @@ import pytest
 
 from deepeyesv2.config import Config, ConfigError, load_config
 from deepeyesv2.data import DataError, DataWarning
-from deepeyesv2.make_examples import sft_record, write_examples
+from deepeyesv2.demo.examples import sft_record, write_examples
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2.rewards import RewardError, RewardResult
 from deepeyesv2.rl import train_rl

@@ -11,9 +11,9 @@ from PIL import Image
 
 import deepeyesv2.rl as rl_mod
 from deepeyesv2.config import Config
-from deepeyesv2.data import PromptRecord
+from deepeyesv2_rollout.types import Prompt
 from deepeyesv2.model import ModelConfig, build_model
-from deepeyesv2.rollouts import make_rollouts
+from deepeyesv2.rollout_setup import make_rollouts
 from deepeyesv2_rollout.chat import render_chat
 from deepeyesv2_rollout.types import GenerateRequest, SamplingParams
 
@@ -85,7 +85,7 @@ def test_cache_empty_during_update_and_rollouts_unchanged(tmp_path, monkeypatch,
         return out
 
     monkeypatch.setattr(rl_mod, "update_policy", observed_update)
-    prompts = [PromptRecord(id=f"p{i}", question="How many dots?", answer=str(i + 1), images=[_image(10 + i)])
+    prompts = [Prompt(id=f"p{i}", question="How many dots?", answer=str(i + 1), images=[_image(10 + i)])
                for i in range(2)]
     try:
         params_before = {n: p.detach().clone() for n, p in model.named_parameters()}

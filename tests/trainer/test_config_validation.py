@@ -13,9 +13,9 @@ import pytest
 
 import deepeyesv2.rl as rl_mod
 import deepeyesv2.sft as sft_mod
-from deepeyesv2.cli import main
+from deepeyesv2.commands.cli import main
 from deepeyesv2.config import Config, ConfigError, constraints, load_config, validate
-from deepeyesv2.demo import DemoSettings, demo_config
+from deepeyesv2.demo.run import DemoSettings, demo_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_defaults_examples_and_demo_configs_are_valid():
 ])
 def test_eval_rejects_bad_flags_before_loading_the_model(args, message, monkeypatch, tmp_path, capsys):
     import deepeyesv2.model as model_mod
-    from deepeyesv2.eval_cli import main as eval_main
+    from deepeyesv2.commands.eval import main as eval_main
 
     monkeypatch.setattr(model_mod, "build_model", lambda *a, **k: (_ for _ in ()).throw(ModelBuilt("built")))
     data = REPO / "deepeyesv2" / "assets" / "realx_sample" / "realx_sample.jsonl"
@@ -117,7 +117,7 @@ def test_eval_refuses_a_corrupt_prompt_image_naming_file_line(monkeypatch, tmp_p
     import json
 
     import deepeyesv2.model as model_mod
-    from deepeyesv2.eval_cli import main as eval_main
+    from deepeyesv2.commands.eval import main as eval_main
 
     monkeypatch.setattr(model_mod, "build_model", lambda *a, **k: (_ for _ in ()).throw(ModelBuilt("built")))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
@@ -129,7 +129,7 @@ def test_eval_refuses_a_corrupt_prompt_image_naming_file_line(monkeypatch, tmp_p
 
 
 def test_demo_checks_both_stages_before_building_the_model(monkeypatch, tmp_path):
-    import deepeyesv2.demo as demo_mod
+    import deepeyesv2.demo.run as demo_mod
 
     monkeypatch.setattr(demo_mod, "build_model", lambda *a, **k: (_ for _ in ()).throw(ModelBuilt("built")))
     s = DemoSettings.quick()

@@ -195,8 +195,8 @@ def test_load_prompts(img_dir):
     ps = load_prompts(write_jsonl(img_dir / "prompts.jsonl", rows))
     assert [p.id for p in ps] == ["q1", "2"]
     assert ps[0].images == [str(img_dir / "a.png")] and ps[0].answer_type == "auto"
-    assert ps[1].answer == ["Alice", "alice b."] and ps[1].extra == {"source": "synthetic"}
-    assert ps[1].meta()["category"] == "search" and ps[1].meta()["answer"] == ["Alice", "alice b."]
+    assert ps[1].answer == ["Alice", "alice b."] and ps[1].metadata == {"source": "synthetic"}
+    assert ps[1].category == "search" and ps[1].answer_type == "exact"
 
 
 @pytest.mark.parametrize("row,match", [

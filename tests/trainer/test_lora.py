@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepeyesv2.config import Config
-from deepeyesv2.logprobs import packed_logprobs
+from deepeyesv2.policy_logprobs import packed_logprobs
 from deepeyesv2.lora import is_lora, merge_and_save, target_regex
 from deepeyesv2.model import ModelConfig, build_model, unwrap_model
 from deepeyesv2.optim import build_optimizer, clip_and_step
@@ -18,6 +18,7 @@ from deepeyesv2.packing import Sample, pack
 from deepeyesv2.reference import AdapterOffReference, FrozenCopyReference, make_reference
 from deepeyesv2.rl import update_policy
 from deepeyesv2.sft import sft_step
+from deepeyesv2.parallel import SingleProcess
 from deepeyesv2_kernels import fused_linear_grpo_loss, fused_logprobs
 from deepeyesv2_rollout.chat import render_chat
 
@@ -170,7 +171,7 @@ def test_update_policy_kl_uses_adapters_off_reference(lora):
     row = make_row(proc, model.config.image_token_id, seed=7)
     opt, sched = build_optimizer(model, cfg.optim, 1)
     ref = make_reference(model, cfg.rl.kl_coef)
-    out = update_policy(model, opt, sched, [row], torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0, 0, 0]), cfg, ref)
+    out = update_policy(SingleProcess(model), opt, sched, [row], torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0, 0, 0]), cfg, ref)
     with torch.no_grad(), model.disable_adapter():
         expect, _ = packed_logprobs(model, row)
     torch.testing.assert_close(row.token_fields["ref_logprobs"], expect, rtol=0, atol=0)
@@ -201,7 +202,7 @@ def test_lora_sft_step_trains_adapters_only(lora):
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt, sched = build_optimizer(model, cfg.optim, 1)
     model.train()
-    sft_step(model, [row])
+    sft_step(SingleProcess(model), [row])
     assert model.lm_head.weight.grad is None
     clip_and_step(model, opt, sched, 1.0)
     for n, p in model.named_parameters():

@@ -7,7 +7,7 @@ import torch
 
 from deepeyesv2.checkpoint import checkpoints_dir, latest_checkpoint
 from deepeyesv2.config import Config
-from deepeyesv2.make_examples import write_examples
+from deepeyesv2.demo.examples import write_examples
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2.sft import train_sft
 

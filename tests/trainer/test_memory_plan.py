@@ -8,13 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-import deepeyesv2.memory as memory_mod
-from deepeyesv2.cli import main as cli_main
+import deepeyesv2.policy_logprobs as logprobs_mod
+from deepeyesv2.commands.cli import main as cli_main
 from deepeyesv2.config import Config, OptimConfig
-from deepeyesv2.memory import OffloadedAdamW, budgeted_logprobs, build_train_optimizer, split_row
-from deepeyesv2.memory_plan import (CPU_OVERHEAD_BYTES, GiB, PlanSetup, largest_fit, load_arch, lora_params,
+from deepeyesv2.optim import OffloadedAdamW, build_optimizer
+from deepeyesv2.packing import split_row
+from deepeyesv2.parallel import SingleProcess
+from deepeyesv2.policy_logprobs import budgeted_logprobs
+from deepeyesv2.commands.plan import (CPU_OVERHEAD_BYTES, GiB, PlanSetup, largest_fit, load_arch, lora_params,
                                     param_counts, parse_bytes, plan)
-from deepeyesv2.memory_probe import measure_in_subprocess
+from bench.memory_probe import measure_in_subprocess
 from deepeyesv2.model import ModelConfig, build_model, packed_hidden
 from deepeyesv2.packing import Sample, pack
 from deepeyesv2.rl import update_policy
@@ -92,10 +95,10 @@ def test_offloaded_adamw_matches_adamw():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_build_train_optimizer_offload_keeps_schedule():
+def test_build_optimizer_offload_keeps_schedule():
     model, _ = build_model(ModelConfig())
     cfg = OptimConfig(lr=1e-3, warmup_steps=2, offload_states=True)
-    opt, sched = build_train_optimizer(model, cfg, total_steps=10)
+    opt, sched = build_optimizer(model, cfg, total_steps=10)
     assert isinstance(opt, OffloadedAdamW) and sched.optimizer is opt.inner
     lrs = [sched.get_last_lr()[0]]
     for _ in range(3):
@@ -118,8 +121,8 @@ def test_split_row_and_budgeted_logprobs_match_whole_row(monkeypatch):
     assert sum(p.num_tokens for p in parts) == row.num_tokens
     assert sum(0 if p.image_grid_thw is None else p.image_grid_thw.shape[0] for p in parts) == 2
     seen = []
-    real = memory_mod.packed_logprobs
-    monkeypatch.setattr(memory_mod, "packed_logprobs", lambda m, r, **kw: seen.append(r.num_tokens) or real(m, r, **kw))
+    real = logprobs_mod.packed_logprobs
+    monkeypatch.setattr(logprobs_mod, "packed_logprobs", lambda m, r, **kw: seen.append(r.num_tokens) or real(m, r, **kw))
     chunked = budgeted_logprobs(model, row, temperature=0.7, token_budget=budget)
     assert max(seen) <= budget and len(seen) == len(parts)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
@@ -134,10 +137,10 @@ def test_recompute_old_logprobs_respects_token_budget(monkeypatch):
     cfg.rl.recompute_old_logprobs, cfg.optim.lr = True, 0.0
     cfg.train.logprob_tokens_budget = int((row.cu_seqlens[1:] - row.cu_seqlens[:-1]).max()) + 1
     seen = []
-    real = memory_mod.packed_logprobs
-    monkeypatch.setattr(memory_mod, "packed_logprobs", lambda m, r, **kw: seen.append(r.num_tokens) or real(m, r, **kw))
-    opt, sched = build_train_optimizer(model, cfg.optim, 1)
-    out = update_policy(model, opt, sched, [row], torch.tensor([1.0, 0, 0, 1, 0]), torch.zeros(5, dtype=torch.long), cfg)
+    real = logprobs_mod.packed_logprobs
+    monkeypatch.setattr(logprobs_mod, "packed_logprobs", lambda m, r, **kw: seen.append(r.num_tokens) or real(m, r, **kw))
+    opt, sched = build_optimizer(model, cfg.optim, 1)
+    out = update_policy(SingleProcess(model), opt, sched, [row], torch.tensor([1.0, 0, 0, 1, 0]), torch.zeros(5, dtype=torch.long), cfg)
     assert seen and max(seen) <= cfg.train.logprob_tokens_budget and len(seen) > 1
     assert out["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # recomputed old log-probs = the policy's own
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from deepeyesv2.metrics import MetricsLogger, peak_memory_bytes, read_metrics
-from deepeyesv2.plot import group_metrics, plot_run
+from deepeyesv2.commands.plot import group_metrics, plot_run
 
 
 def test_rows_are_written_and_converted(tmp_path):

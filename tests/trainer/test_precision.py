@@ -18,6 +18,7 @@ from deepeyesv2.precision import amp, autocast_dtype, resolve_device
 from deepeyesv2.rl import update_policy
 from deepeyesv2.optim import build_optimizer
 from deepeyesv2.sft import sft_step
+from deepeyesv2.parallel import SingleProcess
 from deepeyesv2_rollout.chat import render_chat
 from deepeyesv2_rollout.engine import EmbeddedEngine
 from deepeyesv2_rollout.types import GenerateRequest, SamplingParams
@@ -82,7 +83,7 @@ def test_sft_step_under_bf16_autocast(tiny):
     out = {}
     for mode in ("off", "bf16"):
         model.zero_grad(set_to_none=True)
-        loss, n_tok = sft_step(model, [row], autocast=amp(mode, model))
+        loss, n_tok = sft_step(SingleProcess(model), [row], autocast=amp(mode, model))
         out[mode] = (loss, _grads(model))
     model.zero_grad(set_to_none=True)
     (l32, g32), (l16, g16) = out["off"], out["bf16"]
@@ -107,7 +108,7 @@ def test_rl_update_under_bf16_autocast():
         cfg.train.autocast = mode
         opt, sched = build_optimizer(model, cfg.optim, 10)
         row = make_row(proc, model.config.image_token_id, seed=3)
-        res[mode] = update_policy(model, opt, sched, [row], torch.tensor([1.0, 0.0, 0.5]), torch.zeros(3, dtype=torch.long),
+        res[mode] = update_policy(SingleProcess(model), opt, sched, [row], torch.tensor([1.0, 0.0, 0.5]), torch.zeros(3, dtype=torch.long),
                                   cfg, make_reference(model, cfg.rl.kl_coef))
         assert all(p.dtype == torch.float32 for p in model.parameters())
     a, b = res["off"], res["bf16"]
@@ -136,7 +137,7 @@ def test_engine_batch_under_autocast_gives_the_trainers_logprobs(tiny):
     """Two requests that finish at different steps (the decode then indexes the K/V buffers with a tensor of
     live rows, which refuses mixed dtypes) sample under bf16 autocast; their sampling-time log-probs are the
     trainer's log-probs under the same autocast (fp32 lm_head in both): the first PPO ratio stays ~1."""
-    from deepeyesv2.logprobs import packed_logprobs
+    from deepeyesv2.policy_logprobs import packed_logprobs
 
     model, proc = tiny
     model.eval()
@@ -172,18 +173,15 @@ def test_attention_kernels_get_one_dtype():
 def test_training_precision_guards(monkeypatch):
     """fp16 weights cannot be trained without loss scaling (error); bf16 weights under plain AdamW warn that
     small updates round away; optimizer offload is refused under torchrun (FSDP2 shards the states)."""
-    import deepeyesv2.distributed as dist_mod
     from deepeyesv2.config import OptimConfig
-    from deepeyesv2.memory import build_train_optimizer
 
     lin = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="fp16 weights needs loss scaling"):
         build_optimizer(lin.half(), OptimConfig(), 10)
     with pytest.warns(UserWarning, match="bf16's resolution"):
         build_optimizer(lin.bfloat16(), OptimConfig(), 10)
-    monkeypatch.setattr(dist_mod, "is_distributed", lambda: True)
     with pytest.raises(ValueError, match="offload_states is not supported under torchrun"):
-        build_train_optimizer(lin.float(), OptimConfig(offload_states=True), 10)
+        build_optimizer(lin.float(), OptimConfig(offload_states=True), 10, world_size=2)
 
 
 def test_fp32_kernel_products_follow_torchs_matmul_precision(monkeypatch):

@@ -15,15 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 import deepeyesv2.rl as rl_mod
-import deepeyesv2.sft as sft_mod
+import deepeyesv2.parallel as parallel_mod
 from deepeyesv2.checkpoint import latest_checkpoint
 from deepeyesv2.config import Config
 from deepeyesv2.data import load_prompts
-from deepeyesv2.make_examples import write_examples
+from deepeyesv2.demo.examples import write_examples
 from deepeyesv2.metrics import read_metrics
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2.rl import train_rl
-from deepeyesv2.rollouts import make_rollouts
+from deepeyesv2.rollout_setup import make_rollouts
 from deepeyesv2.sft import train_sft
 from deepeyesv2_rollout.types import GenerateRequest
 
@@ -100,7 +100,7 @@ def test_sft_resume_is_exact(tmp_path, data, monkeypatch):
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        kill_at_call(m, sft_mod, "clip_and_step", 5)  # dies in step 5: steps 1-4 logged, checkpoint at 3
+        kill_at_call(m, parallel_mod, "clip_and_step", 5)  # dies in step 5: steps 1-4 logged, checkpoint at 3
         with pytest.raises(Killed):
             train_sft(sft_config(run, data))
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
+
+from deepeyesv2_rollout.types import Prompt, ToolCallRecord, Trajectory
 
 from deepeyesv2.rewards import (
     RewardError,
@@ -227,24 +227,16 @@ def test_overlong_penalty_off_and_scaled():
 
 # -- from a trajectory ----------------------------------------------------------------------------
 
-@dataclass
-class FakeCall:
-    name: str
-    status: str = "ok"
-    error: str | None = None
-    latency_s: float = 0.0
+def FakeCall(name: str, status: str = "ok", error: str | None = None) -> ToolCallRecord:
+    return ToolCallRecord(name=name, args={}, status=status, latency_s=0.0, error=error)
 
 
-@dataclass
-class FakeTrajectory:
-    token_ids: list
-    loss_mask: list
-    prompt_len: int
-    tool_calls: list
-    answer: str | None
-    meta: dict
-    group_id: int = 0
-    turn_spans: list = field(default_factory=list)
+def FakeTrajectory(token_ids, loss_mask, prompt_len, tool_calls, answer, prompt) -> Trajectory:
+    """A rollout Trajectory with only what rewards read set (turn_spans empty: turns come from the loss mask)."""
+    return Trajectory(token_ids=token_ids, loss_mask=loss_mask, sample_logprobs=[0.0] * len(token_ids), images=[],
+                      pixel_values=None, image_grid_thw=None, turn_spans=[], tool_calls=tool_calls,
+                      stop_reason="answer", group_id=0, prompt_len=prompt_len, num_turns=2, answer=answer,
+                      prompt_id=prompt.id, prompt=prompt)
 
 
 class FakeProcessor:
@@ -261,7 +253,7 @@ def test_reward_input_from_trajectory():
     traj = FakeTrajectory(
         token_ids=[0, 0, 1, 2, 9, 9, 1, 3], loss_mask=[0, 0, 1, 1, 0, 0, 1, 1], prompt_len=2,
         tool_calls=[FakeCall("search"), FakeCall("search", status="error", error="down")], answer="Paris",
-        meta={"id": "p9", "answer": "paris", "category": "search", "answer_type": "exact", "question": "capital?"},
+        prompt=Prompt(id="p9", answer="paris", category="search", answer_type="exact", question="capital?"),
     )
     ri = reward_input_from_trajectory(traj, FakeProcessor())
     assert ri.tool_names == ["search", "search"] and ri.failed_tool_calls == 1
@@ -271,6 +263,6 @@ def test_reward_input_from_trajectory():
     assert deepeyesv2_reward(ri).total == pytest.approx(0.8 * 0.9 + 0.2)
     traj.answer = None  # falls back to the last turn's <answer>
     assert reward_input_from_trajectory(traj, FakeProcessor()).answer == "Paris"
-    traj.meta = {"id": "p9"}
+    traj.prompt = Prompt(id="p9")
     with pytest.raises(RewardError, match="p9.*gold"):
         reward_input_from_trajectory(traj, FakeProcessor())

@@ -15,13 +15,15 @@ import pytest
 import torch
 
 from deepeyesv2.config import Config
-from deepeyesv2.data import PromptRecord, ShuffledIterator
-from deepeyesv2.demo_task import TOOL_TURN, count_image
-from deepeyesv2.logprobs import packed_logprobs
+from deepeyesv2.data import ShuffledIterator
+from deepeyesv2_rollout.types import Prompt
+from deepeyesv2.demo.task import TOOL_TURN, count_image
+from deepeyesv2.policy_logprobs import packed_logprobs
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2.rewards import RewardResult
+from deepeyesv2.parallel import SingleProcess
 from deepeyesv2.rl import build_rows, collect_groups, policy_loss, rollout_metrics, update_policy
-from deepeyesv2.rollouts import make_rollouts
+from deepeyesv2.rollout_setup import make_rollouts
 from deepeyesv2_kernels import group_advantages
 from deepeyesv2_rollout.engine import ScriptedEngine
 
@@ -40,7 +42,7 @@ def exact_match(inp) -> RewardResult:
     return RewardResult(ok, {"accuracy": ok})
 
 
-def script(prompts: dict[str, PromptRecord]):
+def script(prompts: dict[str, Prompt]):
     def turn(tag) -> str:
         plan, gold = PLAN[tag.prompt_id], prompts[tag.prompt_id].answer
         answer = gold if tag.sample_index in plan["correct"] else str(int(gold) + 1)
@@ -69,7 +71,7 @@ def step():
     cfg = config()
     model, proc = build_model(cfg.model)
     rng = random.Random(0)
-    prompts = {pid: PromptRecord(id=pid, question="How many red squares are in the image?", answer=str(n),
+    prompts = {pid: Prompt(id=pid, question="How many red squares are in the image?", answer=str(n),
                                  images=[count_image(n, 2, rng)], category="perception", answer_type="numeric")
                for pid, n in (("p0", 3), ("p1", 5), ("p2", 7))}
     rollouts = make_rollouts(model, proc, cfg, progress=False)
@@ -179,7 +181,7 @@ def test_gradient_step_follows_the_advantage(step):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     model.train()
-    metrics = update_policy(model, opt, sched, rows, step["rewards"], step["gids"], cfg)
+    metrics = update_policy(SingleProcess(model), opt, sched, rows, step["rewards"], step["gids"], cfg)
     delta = per_sequence_logp() - before
 
     assert {"loss", "clip_frac", "approx_kl", "ratio_mean", "entropy", "grad_norm"} <= metrics.keys()
@@ -205,7 +207,7 @@ def test_rollout_metrics_keys(step):
 def test_every_rank_needs_a_prompt(monkeypatch):
     """Under torchrun the step's prompts are split over the ranks: fewer prompts than ranks is a config error
     named before any rollout (a rank with nothing to train would still have to join every collective)."""
-    import deepeyesv2.distributed as dist_mod
+    import deepeyesv2.parallel as dist_mod
 
     monkeypatch.setattr(dist_mod, "world_size", lambda: 4)
     cfg = Config()

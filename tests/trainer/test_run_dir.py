@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from deepeyesv2.checkpoint import CheckpointError, checkpoints_dir
 from deepeyesv2.config import Config
-from deepeyesv2.make_examples import write_examples
+from deepeyesv2.demo.examples import write_examples
 from deepeyesv2.metrics import read_metrics
 from deepeyesv2.model import ModelConfig
 from deepeyesv2.sft import train_sft
@@ -114,7 +114,7 @@ def test_resume_with_more_steps_continues_the_lr(tmp_path, data, capfd):
 
 
 def test_cli_refuses_a_finished_run_in_one_line(tmp_path, data):
-    from deepeyesv2.cli import main
+    from deepeyesv2.commands.cli import main
 
     out = tmp_path / "run"
     train_sft(cfg_for(out, data, steps=1))

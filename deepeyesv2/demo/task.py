@@ -16,7 +16,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from .data import PromptRecord
+from deepeyesv2_rollout.types import Prompt
 
 QUESTION = "How many red dots are in the image?"
 # Every dot is a single pixel: invisible at the vision tower's 28-pixel merged patches, exact for code.
@@ -50,7 +50,7 @@ def count_image(n_red: int, n_blue: int, rng: random.Random, size: int = 112) ->
     return Image.fromarray(a)
 
 
-def count_prompts(n: int, seed: int, prefix: str = "count", max_count: int = 9) -> list[PromptRecord]:
+def count_prompts(n: int, seed: int, prefix: str = "count", max_count: int = 9) -> list[Prompt]:
     """n questions with 1..max_count red dots each (plus 0-5 blue distractors)."""
     if not 1 <= max_count <= 9:
         raise ValueError(f"max_count must be in 1..9 (one digit token), got {max_count}")
@@ -59,8 +59,8 @@ def count_prompts(n: int, seed: int, prefix: str = "count", max_count: int = 9) 
     for i in range(n):
         k = rng.randint(1, max_count)
         img = count_image(k, rng.randint(0, 5), rng)
-        out.append(PromptRecord(id=f"{prefix}-{seed}-{i}", question=QUESTION, answer=str(k), images=[img],
-                                category="perception", answer_type="numeric"))
+        out.append(Prompt(id=f"{prefix}-{seed}-{i}", question=QUESTION, answer=str(k), images=[img],
+                          category="perception", answer_type="numeric"))
     return out
 
 

@@ -10,7 +10,7 @@ Correctness is the `accuracy` component of the RL reward (`deepeyesv2.rewards.ma
 training and evaluation); `--judge module:function` plugs in judge(question, pred, gold) -> [0, 1] for
 free-form answers. Printed and written to DIR: accuracy, reward, format, tool-call rate, tool success rate,
 mean turns and the share of each tool among the calls, overall and per category (eval_table.md), plus every
-episode's prediction (eval_results.json). `python -m deepeyesv2.realx_sample` writes a 16-item synthetic sample
+episode's prediction (eval_results.json). `python scripts/realx_sample.py` (in a checkout) writes a 16-item synthetic sample
 (shipped at deepeyesv2/assets/realx_sample/realx_sample.jsonl).
 """
 
@@ -25,11 +25,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from deepeyesv2_rollout.types import Trajectory
-
-from .data import DataError, PromptRecord, load_prompts
-from .evaluate import by_category, rollout_and_score, summarize
-from .rewards import RewardResult, get_reward_fn
+from deepeyesv2.checkpoint import latest_checkpoint
+from deepeyesv2.config import Config, ModelConfig, check_values, integer, number, one_of, optional
+from deepeyesv2.data import DataError, load_prompts
+from deepeyesv2.model import PRESETS, build_model
+from deepeyesv2.rewards import RewardResult, get_reward_fn
+from deepeyesv2.rollout_setup import make_rollouts
+from deepeyesv2.scoring import by_category, rollout_and_score, summarize
+from deepeyesv2_rollout.tools.registry import default_registry
+from deepeyesv2_rollout.types import Prompt, Trajectory
 
 TABLE_COLUMNS = ("accuracy", "reward", "format", "tool_call_rate", "tool_success_rate", "mean_turns")
 
@@ -58,8 +62,6 @@ class EvalSettings:
 
 def check_settings(s: EvalSettings) -> None:
     """Every numeric flag's range, before the model or data is loaded (ConfigError naming the flag)."""
-    from .config import check_values, integer, number, one_of, optional
-
     check_values({
         "--samples": (s.samples, integer(1)), "--temperature": (s.temperature, number(0)),
         "--max-turns": (s.max_turns, integer(1)), "--max-new-tokens": (s.max_new_tokens, integer(1)),
@@ -86,9 +88,6 @@ def load_callable(spec: str, what: str = "judge") -> Callable:
 
 def resolve_model_path(model: str) -> str:
     """A preset name, a checkpoint directory (config.json), or a training run directory (its latest checkpoint)."""
-    from .checkpoint import latest_checkpoint
-    from .model import PRESETS
-
     if model in PRESETS:
         return model
     path = Path(model)
@@ -102,9 +101,9 @@ def resolve_model_path(model: str) -> str:
 
 # ------------------------------------------------------------------------------------------- scoring
 def item_record(t: Trajectory, r: RewardResult) -> dict:
-    meta = t.metadata or {}
-    return {"id": t.prompt_id, "sample": t.sample_index, "category": meta.get("category") or "unknown",
-            "question": meta.get("question"), "gold": meta.get("answer"), "prediction": t.answer,
+    p = t.prompt or Prompt(id=t.prompt_id)
+    return {"id": t.prompt_id, "sample": t.sample_index, "category": p.category or "unknown",
+            "question": p.question, "gold": p.answer, "prediction": t.answer,
             "accuracy": r.components.get("accuracy", 0.0), "reward": r.total,
             "format": r.components.get("format", 0.0), "tools": [c.name for c in t.tool_calls],
             "tool_status": [c.status for c in t.tool_calls], "turns": t.num_turns, "stop_reason": t.stop_reason}
@@ -112,7 +111,7 @@ def item_record(t: Trajectory, r: RewardResult) -> dict:
 
 def aggregate(trajs: list[Trajectory], results: list[RewardResult]) -> dict:
     """{"overall": summary, "by_category": {category: summary}, "items": [...]}; summaries are
-    `deepeyesv2.evaluate.summarize` (the training-time evaluation's) plus the number of distinct prompts."""
+    `deepeyesv2.scoring.summarize` (the training-time evaluation's) plus the number of distinct prompts."""
     if len(trajs) != len(results):
         raise ValueError(f"{len(trajs)} trajectories but {len(results)} reward results")
 
@@ -126,9 +125,9 @@ def aggregate(trajs: list[Trajectory], results: list[RewardResult]) -> dict:
             "items": [item_record(t, r) for t, r in zip(trajs, results)]}
 
 
-def run_eval(rollouts, processor, prompts: list[PromptRecord], reward_fn, samples: int = 1,
+def run_eval(rollouts, processor, prompts: list[Prompt], reward_fn, samples: int = 1,
              temperature: float = 0.0, seed: int = 1234) -> dict:
-    """`samples` episodes per prompt through `rollouts` (a deepeyesv2.rollouts.Rollouts) at `temperature`
+    """`samples` episodes per prompt through `rollouts` (a deepeyesv2.rollout_setup.Rollouts) at `temperature`
     (0 = greedy), scored by `reward_fn`; returns `aggregate(...)`."""
     return aggregate(*rollout_and_score(rollouts, processor, prompts, reward_fn, samples, temperature, seed))
 
@@ -146,10 +145,7 @@ def eval_table(result: dict) -> str:
 
 # ------------------------------------------------------------------------------------------- building
 def build_rollouts(model, processor, s: EvalSettings):
-    """The RL rollout stack (deepeyesv2.rollouts.make_rollouts) with evaluation limits."""
-    from .config import Config
-    from .rollouts import make_rollouts
-
+    """The RL rollout stack (deepeyesv2.rollout_setup.make_rollouts) with evaluation limits."""
     cfg = Config()
     cfg.rollout.max_turns, cfg.rollout.max_new_tokens = s.max_turns, s.max_new_tokens
     cfg.rollout.max_total_tokens, cfg.rollout.temperature = s.max_total_tokens, s.temperature
@@ -157,16 +153,12 @@ def build_rollouts(model, processor, s: EvalSettings):
     cfg.train.seed = s.seed
     rollouts = make_rollouts(model, processor, cfg, progress=s.progress)
     if s.corpus:
-        from deepeyesv2_rollout.tools.registry import default_registry
-
         rollouts.registry = default_registry(corpus_path=s.corpus, pool=rollouts.pool)
     return rollouts
 
 
 def evaluate_checkpoint(s: EvalSettings) -> dict:
     """Load the model and data, run, write DIR/eval_results.json and DIR/eval_table.md; returns the result."""
-    from .model import ModelConfig, build_model
-
     check_settings(s)
     if not s.data:
         raise ValueError("--data is required (a JSONL of prompts)")

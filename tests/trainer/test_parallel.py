@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 from deepeyesv2.checkpoint import LATEST_FILE, checkpoints_dir
 from deepeyesv2.config import Config, to_dict
-from deepeyesv2.distributed import DataParallel, _fqn_to_index, _index_to_fqn, is_distributed
-from deepeyesv2.make_examples import write_examples
+from deepeyesv2.parallel import DataParallel, _fqn_to_index, _index_to_fqn, is_distributed
+from deepeyesv2.demo.examples import write_examples
 from deepeyesv2.metrics import read_metrics
 from deepeyesv2.model import ModelConfig
 from deepeyesv2.rl import train_rl

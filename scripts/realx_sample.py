@@ -1,6 +1,6 @@
 """A small synthetic RealX-Bench-style evaluation set (RealX-Bench itself is not public).
 
-    python -m deepeyesv2.realx_sample [--out DIR]      # regenerates deepeyesv2/assets/realx_sample/
+    python scripts/realx_sample.py [--out DIR]      # regenerates deepeyesv2/assets/realx_sample/
 
 16 items, 4 per RealX-Bench category, each with one generated PNG:
   perception   the answer is in the image (counting, colour, position): code on the image helps
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-SAMPLE_DIR = Path(__file__).parent / "assets" / "realx_sample"
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "deepeyesv2" / "assets" / "realx_sample"
 SAMPLE_PATH = SAMPLE_DIR / "realx_sample.jsonl"
 
 

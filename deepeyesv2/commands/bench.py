@@ -1,6 +1,6 @@
 """`deepeyesv2 bench [--quick] [--only NAME,...]`: run the side-by-side benchmarks in bench/ and write one report.
 
-Each benchmark runs in its own subprocess (`python -m deepeyesv2.benchmarks --worker NAME`), so one that crashes,
+Each benchmark runs in its own subprocess (`python -m deepeyesv2.commands.bench --worker NAME`), so one that crashes,
 runs out of memory or times out becomes a "failed" row and the others still run. Every benchmark returns rows
 {benchmark, ours, peer, ratio, device, note}. A measured row comes from interleaved runs (bench/_common.py
 `interleave`: the two sides alternate A B A B after a warm-up each) and also carries ratio_min / ratio_max / noisy /
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
@@ -204,7 +205,7 @@ def device_slug(label: str) -> str:
 
 def repo_root() -> Path:
     """The source checkout holding bench/ (the benchmarks are scripts, not part of the installed package)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "bench" / "__init__.py").is_file():
         raise FileNotFoundError(f"deepeyesv2 bench needs a source checkout: no bench/ package next to {root / 'deepeyesv2'}")
     return root
@@ -213,8 +214,6 @@ def repo_root() -> Path:
 def import_bench(module: str):
     """Import bench.<x> from the checkout. The root is appended (not prepended) to sys.path: our folder `kernels/`
     must not shadow Hugging Face's installed `kernels` package."""
-    import importlib
-
     root = str(repo_root())
     # `python -m` (run from the checkout) put the working directory first; move the root to the end.
     sys.path[:] = [p for p in sys.path if p not in ("", ".", root, os.getcwd())] + [root]
@@ -238,7 +237,7 @@ def _jsonable(x):
 
 def run_one(spec: BenchSpec, quick: bool, timeout: float, kwargs: dict | None = None) -> tuple[list[dict], float, str | None]:
     """(rows, seconds, error) of one benchmark run in a fresh subprocess."""
-    cmd = [sys.executable, "-m", "deepeyesv2.benchmarks", "--worker", spec.name]
+    cmd = [sys.executable, "-m", "deepeyesv2.commands.bench", "--worker", spec.name]
     if quick:
         cmd.append("--quick")
     if kwargs is not None:

@@ -32,7 +32,10 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-ARCH_DIR = Path(__file__).parent / "assets" / "arch"
+from deepeyesv2.config import config_from_namespace, config_parser, error_line
+from deepeyesv2.model import PRESETS, preset_config, load_processor
+
+ARCH_DIR = Path(__file__).resolve().parents[1] / "assets" / "arch"
 GiB = 2**30
 MiB = 2**20
 CUDA_OVERHEAD_BYTES = 1 * GiB  # assumption: CUDA context ~0.5 GiB + cuBLAS workspace + allocator fragmentation
@@ -98,12 +101,8 @@ def shipped_archs() -> list[str]:
 
 def load_arch(name_or_path: str) -> Arch:
     """A preset (tiny, small), a shipped architecture (qwen2.5-vl-3b, qwen2.5-vl-7b), or a checkpoint dir/config."""
-    from .model import PRESETS
-
     if name_or_path in PRESETS:
-        from .model import _tiny_config, load_processor
-
-        return arch_from_config(_tiny_config(PRESETS[name_or_path], load_processor(name_or_path)), name_or_path)
+        return arch_from_config(preset_config(PRESETS[name_or_path], load_processor(name_or_path)), name_or_path)
     key = name_or_path.lower().removeprefix("qwen/").removesuffix("-instruct")
     if (ARCH_DIR / f"{key}.json").is_file():
         return arch_from_config(json.loads((ARCH_DIR / f"{key}.json").read_text()), key)
@@ -408,14 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(fits_table())
         return 0
-    from .config import config_from_namespace, config_parser
-
     parser = config_parser(prog="deepeyesv2 plan")
     try:
         cfg = config_from_namespace(parser, parser.parse_args(rest))
     except Exception as e:  # jsonargparse names the bad key
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        print(f"deepeyesv2 plan: config error: {' '.join(lines[:2])}", file=sys.stderr)
+        print(f"deepeyesv2 plan: config error: {error_line(e)}", file=sys.stderr)
         return 2
     try:
         arch = load_arch(args.model or cfg.model.name_or_path)

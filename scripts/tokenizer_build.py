@@ -1,6 +1,6 @@
 """Train the tiny model's byte-level BPE tokenizer offline and write the tiny processor directory.
 
-Run once by the developers (``python -m deepeyesv2.tokenizer_build``); its output under
+Run once by the developers (``python scripts/tokenizer_build.py``); its output under
 ``deepeyesv2/assets/tiny_processor/`` is committed, so nothing is trained or downloaded at run time.
 The special tokens are Qwen2.5-VL's, so the chat layout (``<|im_start|>``, one ``<|image_pad|>`` per
 merged patch between ``<|vision_start|>``/``<|vision_end|>``) is token-for-token the real model's.
@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets" / "tiny_processor"
+ASSETS = Path(__file__).resolve().parents[1] / "deepeyesv2" / "assets" / "tiny_processor"
 
 # Qwen2.5's added tokens, in Qwen's order (ids differ: ours start after the small byte-level vocab).
 SPECIAL_TOKENS = [

@@ -1,4 +1,9 @@
-"""Data parallelism over torchrun ranks with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+"""One training-loop object for one process and many: `SingleProcess`, and FSDP2 over torchrun ranks.
+
+`setup(model)` returns the one the run needs; the SFT and RL loops call the same methods on either (forward
+call, gradient-sync switch, clip-and-step, full weights, save, load) and never branch on the world size --
+the way torchtitan applies FSDP with degree 1 on one GPU. The collectives below (`all_sum`, ...) are the
+identity in a single process.
 
     torchrun --nproc_per_node 8 -m deepeyesv2 sft --config run.yaml     (or python -m torch.distributed.run)
     torchrun --nproc_per_node 8 -m deepeyesv2 rl  --config run.yaml
@@ -36,8 +41,7 @@ import torch.distributed as dist
 
 from .checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
 from .data import DataState
-from .logprobs import packed_logprobs
-from .packing import PackedBatch
+from .optim import clip_and_step
 
 
 def env_world_size() -> int:
@@ -79,12 +83,12 @@ def is_main() -> bool:
 
 
 def all_sum(x: float) -> float:
-    """Sum of a Python number over ranks (fp64, so token counts stay exact)."""
+    """Sum of a Python number over ranks (fp64, so token counts stay exact); an int stays an int."""
     if not is_distributed():
-        return float(x)
+        return x
     t = torch.tensor([float(x)], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
-    return float(t.item())
+    return int(t.item()) if isinstance(x, int) else float(t.item())
 
 
 def all_gather_ints(x: int) -> list[int]:
@@ -154,9 +158,48 @@ class _GatheredOptimizer:
         return self._sd
 
 
+class SingleProcess:
+    """The training-loop object of a one-process run: the same methods as `DataParallel`, with nothing to
+    shard, gather or reduce. `policy` is the model itself."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, policy: torch.nn.Module):
+        self.policy = policy
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+    def local_rows(self, rows: list) -> list:
+        return rows
+
+    def call(self, fn, *args, **kwargs):
+        """fn(policy, *args, **kwargs): one training forward."""
+        return fn(self.policy, *args, **kwargs)
+
+    @contextmanager
+    def full_weights(self):
+        yield self.policy  # the weights are always whole here
+
+    def set_sync(self, sync: bool) -> None:
+        """Nothing to reduce: gradients accumulate in place either way."""
+
+    def clip_and_step(self, opt, sched, max_norm: float) -> float:
+        return clip_and_step(self.policy, opt, sched, max_norm)
+
+    def save_checkpoint(self, out_dir: str | Path, step: int, processor, opt, sched, data_state: DataState | dict | None,
+                        extra: dict | None = None) -> Path | None:
+        return save_checkpoint(out_dir, step, self.policy, processor, opt, sched, data_state, extra)
+
+    def load_checkpoint(self, ckpt_dir: str | Path, opt, sched) -> tuple[int, DataState | None, dict]:
+        # verify=False: deepeyesv2.checkpoint.prepare_run_dir chose this checkpoint because it verified
+        return load_checkpoint(ckpt_dir, self.policy, opt, sched, verify=False)
+
+
 @dataclass
 class DataParallel:
-    """A model sharded over all ranks. `policy` is the HF model (its parameters are now DTensor shards; build
+    """A model sharded over all ranks with FSDP2. `policy` is the HF model (its parameters are now DTensor shards; build
     the optimizer from it after `shard`); `root` is the FSDP2 root module used for the training forward."""
 
     policy: torch.nn.Module
@@ -195,6 +238,10 @@ class DataParallel:
                 m.set_force_sum_reduction_for_comms(True)
         return cls(model, root, dist.get_rank(), dist.get_world_size(), reshard_after_forward)
 
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     # -- the training step --------------------------------------------------------------------------
     def local_rows(self, rows: list) -> list:
         """This rank's share of one optimizer step's rows: every world_size-th, starting at its rank."""
@@ -204,10 +251,6 @@ class DataParallel:
                 f"set train.rows_per_step * optim.grad_accum to a multiple of the world size"
             )
         return rows[self.rank :: self.world_size]
-
-    def logprobs(self, batch: PackedBatch, temperature: float = 1.0, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """logprobs [T] fp32 (0 off the loss mask), entropy [T] fp32 -- as deepeyesv2.logprobs.packed_logprobs."""
-        return self.root(packed_logprobs, batch.to(_device_of(self.policy)), temperature=temperature, entropy=entropy)
 
     def call(self, fn, *args, **kwargs):
         """fn(policy, *args, **kwargs) as one FSDP2 forward (its backward reduces the gradients)."""
@@ -242,18 +285,7 @@ class DataParallel:
 
     def clip_and_step(self, opt, sched, max_norm: float) -> float:
         """Clip to the global gradient norm, step, zero grads. Returns the pre-clip global norm."""
-        from torch.distributed.tensor import DTensor
-
-        params = [p for p in self.policy.parameters() if p.requires_grad and p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(self.policy, opt, sched, max_norm)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _param_fqns(self, opt) -> list[str]:
@@ -293,11 +325,6 @@ class DataParallel:
         return step, state, extra
 
 
-def _device_of(module: torch.nn.Module) -> torch.device:
-    p = next(module.parameters())
-    return p.device
-
-
 def _fqn_to_index(sd: dict, fqns: list[str]) -> dict:
     """A full optimizer state dict keyed by parameter names -> torch.optim's layout (integer ids in
     param-group order), which is what a single-process run saves."""
@@ -315,9 +342,10 @@ def _index_to_fqn(sd: dict, fqns: list[str]) -> dict:
     }
 
 
-def setup(model: torch.nn.Module) -> DataParallel | None:
-    """Under torchrun with > 1 ranks: join the group and shard `model` (call before building the optimizer).
-    Otherwise None (single process, nothing changes)."""
-    if not init_from_env():
-        return None
-    return DataParallel.shard(model)
+Parallel = SingleProcess | DataParallel
+
+
+def setup(model: torch.nn.Module) -> Parallel:
+    """Under torchrun with > 1 ranks: join the group and shard `model` with FSDP2 (call before building the
+    optimizer). Otherwise the single-process object (nothing changes)."""
+    return DataParallel.shard(model) if init_from_env() else SingleProcess(model)

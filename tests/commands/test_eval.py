@@ -9,22 +9,32 @@ counting rule gives the count) and to match its generator.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from deepeyesv2.data import load_prompts
-from deepeyesv2.eval_cli import aggregate, eval_table, load_callable, main, resolve_model_path, run_eval
+from deepeyesv2.commands.eval import aggregate, eval_table, load_callable, main, resolve_model_path, run_eval
 from deepeyesv2.model import load_processor
-from deepeyesv2.realx_sample import SAMPLE_DIR, SAMPLE_PATH, build_items, write_sample
 from deepeyesv2.rewards import RewardResult, get_reward_fn
-from deepeyesv2.rollouts import Rollouts
+from deepeyesv2.rollout_setup import Rollouts
 from deepeyesv2_rollout.episode import EpisodeLimits
 from deepeyesv2_rollout.tools.registry import default_registry
 from deepeyesv2_rollout.tools.sandbox import SandboxLimits, SandboxPool
-from deepeyesv2_rollout.types import GenerateResult, SamplingParams, ToolCallRecord, Trajectory
+from deepeyesv2_rollout.types import GenerateResult, Prompt, SamplingParams, ToolCallRecord, Trajectory
+
+# the sample's generator is a developer script (scripts/), not part of the installed package: load it by path
+_spec = importlib.util.spec_from_file_location("realx_sample", Path(__file__).resolve().parents[2] / "scripts" / "realx_sample.py")
+realx_sample = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = realx_sample  # dataclasses look their module up while the file runs
+_spec.loader.exec_module(realx_sample)
+SAMPLE_DIR, SAMPLE_PATH, build_items, write_sample = (realx_sample.SAMPLE_DIR, realx_sample.SAMPLE_PATH,
+                                                      realx_sample.build_items, realx_sample.write_sample)
 
 WRONG = {"perception-2", "search-3", "integration-1", "integration-4"}  # the oracle answers these wrong
 FAILING_CODE = "reasoning-4"  # its code call raises inside the sandbox
@@ -156,7 +166,7 @@ def _traj(pid, cat, n_turns, tools, sample=0):
     return Trajectory(token_ids=[1], loss_mask=[0], sample_logprobs=[0.0], images=[], pixel_values=None,
                       image_grid_thw=None, turn_spans=[(0, 1)] * n_turns, tool_calls=calls, stop_reason="answer",
                       group_id=0, prompt_len=1, num_turns=n_turns, prompt_id=pid, sample_index=sample,
-                      metadata={"category": cat})
+                      prompt=Prompt(id=pid, category=cat or ""))
 
 
 def test_aggregate_with_several_samples():

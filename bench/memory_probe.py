@@ -1,8 +1,8 @@
 """Measure the peak memory of one real RL-like training step on CPU, in a fresh process (clean RSS baseline).
 
-    python -m deepeyesv2.memory_probe --preset small --mode lora --tokens 1024
+    python -m bench.memory_probe --preset small --mode lora --tokens 1024
 
-The step is ours end to end: `build_model` (LoRA / checkpointing knobs), `build_train_optimizer` (offload knob),
+The step is ours end to end: `build_model` (LoRA / checkpointing knobs), `build_optimizer` (offload knob),
 packed rows of random token ids (4 sequences each), `packed_hidden` + `fused_linear_grpo_loss`, backward over
 2 rows (gradient accumulation), clip and AdamW step -- twice, so the second step runs with AdamW moments and
 gradients alive, as every later step does. Peak = VmHWM at the end minus VmRSS right after the imports.
@@ -44,7 +44,7 @@ def synthetic_rows(image_token_id: int, n_rows: int, tokens: int, seqs: int = 4,
     """Packed rows of `seqs` random-token sequences, all tokens trained, with old log-probs and advantages."""
     import torch
 
-    from .packing import Sample, pack
+    from deepeyesv2.packing import Sample, pack
 
     g = torch.Generator().manual_seed(seed)
     rows, advs = [], []
@@ -70,10 +70,9 @@ def measure_step(preset: str, mode: str, tokens: int, dtype: str = "float32", st
 
     from deepeyesv2_kernels import fused_linear_grpo_loss
 
-    from .config import OptimConfig
-    from .memory import build_train_optimizer
-    from .model import ModelConfig, build_model, packed_hidden
-    from .optim import clip_and_step
+    from deepeyesv2.config import ModelConfig, OptimConfig
+    from deepeyesv2.model import build_model, packed_hidden
+    from deepeyesv2.optim import build_optimizer, clip_and_step
 
     knobs = dict(MODES[mode])
     if lora_rank is not None and knobs["lora_rank"]:
@@ -84,7 +83,7 @@ def measure_step(preset: str, mode: str, tokens: int, dtype: str = "float32", st
     import transformers  # noqa: F401
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: F401
 
-    from .model import load_processor
+    from deepeyesv2.model import load_processor
 
     load_processor(preset)
     gc.collect()
@@ -94,7 +93,7 @@ def measure_step(preset: str, mode: str, tokens: int, dtype: str = "float32", st
     model, _ = build_model(ModelConfig(name_or_path=preset, dtype=dtype, lora_rank=knobs["lora_rank"], device="cpu",
                                        gradient_checkpointing=knobs["gradient_checkpointing"]))
     model.train()
-    opt, sched = build_train_optimizer(model, OptimConfig(lr=1e-4, offload_states=knobs["offload"]), steps)
+    opt, sched = build_optimizer(model, OptimConfig(lr=1e-4, offload_states=knobs["offload"]), steps)
     data, advs = synthetic_rows(model.config.image_token_id, rows, tokens, seqs)
     gc.collect()
     after_build = rss_kib()
@@ -118,7 +117,7 @@ def measure_step(preset: str, mode: str, tokens: int, dtype: str = "float32", st
 
 
 def measure_in_subprocess(preset: str, mode: str, tokens: int, dtype: str = "float32", timeout: float = 600) -> dict:
-    cmd = [sys.executable, "-m", "deepeyesv2.memory_probe", "--preset", preset, "--mode", mode, "--tokens", str(tokens),
+    cmd = [sys.executable, "-m", "bench.memory_probe", "--preset", preset, "--mode", mode, "--tokens", str(tokens),
            "--dtype", dtype]
     # A fixed mmap threshold: glibc's dynamic one rises after the first large free, after which freed
     # activations stay in the heap and the RSS high-water mark measures fragmentation, not tensors.

@@ -11,9 +11,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from deepeyesv2_rollout.types import SamplingParams, Trajectory
+from deepeyesv2_rollout.types import Prompt, SamplingParams, Trajectory
 
-from .data import PromptRecord
 from .rewards import RewardResult, reward_input_from_trajectory, score
 
 
@@ -37,11 +36,11 @@ def by_category(trajs: list[Trajectory]) -> dict[str, list[int]]:
     """Trajectory indices grouped by the prompt's category, categories sorted."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, t in enumerate(trajs):
-        groups[(t.metadata or {}).get("category") or "unknown"].append(i)
+        groups[(t.prompt.category if t.prompt else "") or "unknown"].append(i)
     return dict(sorted(groups.items()))
 
 
-def rollout_and_score(rollouts, processor, prompts: list[PromptRecord], reward_fn, samples_per_prompt: int = 1,
+def rollout_and_score(rollouts, processor, prompts: list[Prompt], reward_fn, samples_per_prompt: int = 1,
                       temperature: float = 0.0, seed: int = 1234) -> tuple[list[Trajectory], list[RewardResult]]:
     """`samples_per_prompt` episodes per prompt at `temperature` (0 = greedy) with sampling seeds from `seed`
     (the rollouts' own seed is restored after), each scored by `reward_fn`."""

@@ -1,6 +1,6 @@
 """`deepeyesv2 demo`: the two-stage recipe end to end on the tiny model, on CPU, with real tools.
 
-  1. generate a counting task where the code tool really helps (deepeyesv2.demo_task)
+  1. generate a counting task where the code tool really helps (deepeyesv2.demo.task)
   2. cold-start trajectories from a scripted policy through the real rollout environment and sandbox:
      always a program, but half the time a buggy one (a flawed SFT corpus that still teaches the format
      and copying the printed count); RL has to discover which program earns the accuracy reward
@@ -25,15 +25,16 @@ import torch
 
 from deepeyesv2_rollout.types import GenerateRequest, GenerateResult, SamplingParams
 
-from .config import Config, validate
-from .demo_task import count_prompts, expert_turn, right_program_rate
-from .evaluate import format_table, rollout_and_score, summarize
-from .model import ModelConfig, build_model
-from .packing import Sample
-from .rewards import get_reward_fn
-from .rl import train_rl
-from .rollouts import make_rollouts
-from .sft import train_sft
+from deepeyesv2.commands.plot import plot_run
+from deepeyesv2.config import Config, validate
+from deepeyesv2.demo.task import count_prompts, expert_turn, right_program_rate
+from deepeyesv2.scoring import format_table, rollout_and_score, summarize
+from deepeyesv2.model import ModelConfig, build_model
+from deepeyesv2.packing import Sample
+from deepeyesv2.rewards import get_reward_fn
+from deepeyesv2.rl import train_rl
+from deepeyesv2.rollout_setup import make_rollouts
+from deepeyesv2.sft import train_sft
 
 
 @dataclass
@@ -181,8 +182,6 @@ def run_demo(s: DemoSettings, progress: bool = True) -> dict:
     print("\n" + table)
     print(f"\n[demo] total {summary['total_s'] / 60:.1f} min; ordering after RL > after SFT > before SFT: {summary['ordering_ok']}")
     try:
-        from .plot import plot_run
-
         for stage in ("sft", "rl"):
             plot_run(out / stage)
         print(f"[demo] curves: {out}/sft/plots, {out}/rl/plots; summary: {out}/demo_summary.json")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from deepeyesv2.demo import DemoSettings, run_demo
-from deepeyesv2.demo_task import BUGGY_CODE, COUNT_CODE, count_image, count_prompts, expert_turn
+from deepeyesv2.demo.run import DemoSettings, run_demo
+from deepeyesv2.demo.task import BUGGY_CODE, COUNT_CODE, count_image, count_prompts, expert_turn
 
 
 def test_counting_program_is_exact_and_the_expert_copies_its_output():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deepeyesv2.make_examples import main as make_examples_main
+from deepeyesv2.demo.examples import main as make_examples_main
 from deepeyesv2.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`deepeyesv2 ARGS` as a user runs it (the console script's `main`), from the repository root."""
-    code = "import sys; from deepeyesv2.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from deepeyesv2.commands.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -36,7 +36,7 @@ def test_example_data_is_in_sync_with_its_generator(tmp_path):
     assert make_examples_main([str(tmp_path)]) == 0
     for name in ("sft.jsonl", "rl.jsonl"):
         assert (tmp_path / name).read_text() == (REPO / "examples" / "data" / name).read_text(), (
-            f"examples/data/{name} is stale: re-run python -m deepeyesv2.make_examples examples/data")
+            f"examples/data/{name} is stale: re-run python -m deepeyesv2.demo.examples examples/data")
     images = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert images == sorted(p.name for p in (REPO / "examples" / "data" / "images").iterdir())
     for rec in map(json.loads, (tmp_path / "sft.jsonl").read_text().splitlines()):

@@ -1,6 +1,6 @@
 """Tiny SFT and RL data sets on the demo's counting task, for the example configs, the README and tests.
 
-    python -m deepeyesv2.make_examples examples/data      # writes sft.jsonl, rl.jsonl, images/*.png
+    python -m deepeyesv2.demo.examples examples/data      # writes sft.jsonl, rl.jsonl, images/*.png
 
 SFT records use our "messages" layout (see deepeyesv2.data): the user asks how many red squares an image
 holds; the assistant either writes the counting program (then a tool turn carries the sandbox's output
@@ -19,7 +19,7 @@ from pathlib import Path
 from deepeyesv2_rollout.protocol import SYSTEM_PROMPT
 from deepeyesv2_rollout.tools.sandbox import format_code_result
 
-from .demo_task import ANSWER_TURN, GUESS_TURN, QUESTION, TOOL_TURN, count_image
+from deepeyesv2.demo.task import ANSWER_TURN, GUESS_TURN, QUESTION, TOOL_TURN, count_image
 
 IMAGE_DIR = "images"
 SFT_FILE = "sft.jsonl"
@@ -66,7 +66,7 @@ def write_examples(out_dir: str | Path, n_sft: int = 16, n_rl: int = 8, seed: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deepeyesv2.make_examples", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m deepeyesv2.demo.examples", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", nargs="?", default="examples/data")
     ap.add_argument("--sft", type=int, default=16, help="SFT trajectories")

@@ -7,20 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from deepeyesv2_rollout.engine import EmbeddedEngine
-from deepeyesv2_rollout.episode import EpisodeLimits, Prompt, run_episodes
+from deepeyesv2_rollout.episode import EpisodeLimits, run_episodes
+from deepeyesv2_rollout.sglang_engine import SGLangEngine  # imports sglang itself only when started
 from deepeyesv2_rollout.tools.registry import default_registry
 from deepeyesv2_rollout.tools.sandbox import SandboxLimits, SandboxPool
-from deepeyesv2_rollout.types import SamplingParams, Trajectory
+from deepeyesv2_rollout.types import Prompt, SamplingParams, Trajectory
 
 from .config import Config
-from .data import PromptRecord
 from .model import PRESETS
 from .precision import autocast_dtype
-
-
-def to_prompt(rec: PromptRecord) -> Prompt:
-    return Prompt(id=rec.id, question=rec.question, images=list(rec.images), answer=str(rec.answer),
-                  category=rec.category, metadata=rec.meta())
 
 
 @dataclass
@@ -36,7 +31,7 @@ class Rollouts:
     required_tools: tuple[str, ...] = ("code", "search", "image_search")
     _offset: int = field(default=0, repr=False)
 
-    def run(self, prompts: list[PromptRecord], group_size: int, sampling: SamplingParams | None = None, *,
+    def run(self, prompts: list[Prompt], group_size: int, sampling: SamplingParams | None = None, *,
             slice_start: int = 0, round_size: int | None = None) -> list[Trajectory]:
         """G episodes per prompt. Group ids are unique across calls (refills never merge groups).
 
@@ -48,7 +43,7 @@ class Rollouts:
         sp = SamplingParams(**{**sp.__dict__, "seed": self.seed + self._offset})
         trajs = []
         if prompts:
-            trajs = run_episodes(self.engine, self.processor, self.registry, [to_prompt(p) for p in prompts], group_size,
+            trajs = run_episodes(self.engine, self.processor, self.registry, prompts, group_size,
                                  sp, self.limits, pool=self.pool, progress=self.progress,
                                  required_tools=self.required_tools, group_id_offset=self._offset + slice_start,
                                  seed_index_offset=slice_start * group_size)
@@ -87,8 +82,6 @@ def make_engine(model, processor, cfg: Config):
         return EmbeddedEngine(model, processor, cache_tokens_budget=cfg.rollout.cache_tokens,
                               autocast_dtype=autocast_dtype(cfg.train.autocast, p.device, p.dtype))
     if cfg.rollout.engine == "sglang":
-        from deepeyesv2_rollout.sglang_engine import SGLangEngine
-
         if not 0.0 < cfg.rollout.sglang_mem_fraction < 1.0:
             raise ValueError(f"rollout.sglang_mem_fraction must be in (0, 1), got {cfg.rollout.sglang_mem_fraction}")
         engine = SGLangEngine(model_path=sglang_model_dir(model, processor, cfg), processor=processor,

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
-from .metrics import METRICS_FILE, read_metrics
+from deepeyesv2.metrics import METRICS_FILE, read_metrics
 
 # (file stem, title, predicate on the metric name); first match wins, order matters.
 GROUPS: list[tuple[str, str, re.Pattern]] = [
@@ -143,3 +144,18 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             plt.close(fig)
             written.append(path)
     return written
+
+
+def main(argv: list[str]) -> int:
+    """`deepeyesv2 plot RUN_DIR`: the PNGs' paths, one per line."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: deepeyesv2 plot RUN_DIR   (PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots/)",
+              file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    if not (Path(argv[0]) / METRICS_FILE).is_file():
+        print(f"deepeyesv2 plot: {argv[0]}/{METRICS_FILE} not found (give a run directory written by sft or rl)",
+              file=sys.stderr)
+        return 2
+    for path in plot_run(argv[0]):
+        print(path)
+    return 0
