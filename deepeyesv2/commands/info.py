@@ -3,6 +3,7 @@ forward pass of the tiny model on a packed batch."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import time
 
@@ -94,5 +95,8 @@ def _forward_smoke() -> str:
 
 
 def main(argv: list[str]) -> int:
-    info(forward="--no-forward" not in argv)
+    ap = argparse.ArgumentParser(prog="deepeyesv2 info", description=__doc__)
+    ap.add_argument("--no-forward", action="store_true", help="skip the tiny model's forward pass")
+    args = ap.parse_args(argv)
+    info(forward=not args.no_forward)
     return 0

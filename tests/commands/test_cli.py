@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from deepeyesv2.commands.cli import COMMANDS, main
 from deepeyesv2.demo.examples import main as make_examples_main
 from deepeyesv2.metrics import read_metrics
 
@@ -99,3 +100,21 @@ def test_missing_data_file_is_one_clear_line(tmp_path):
                str(tmp_path / "out"), "--train.progress", "false")
     assert proc.returncode == 1 and str(missing) in proc.stderr and "not found" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMANDS))
+def test_every_command_answers_help(cmd, capsys):
+    """Each command in the dispatcher's table imports and prints its usage for --help (exit 0)."""
+    try:
+        rc = main([cmd, "--help"])
+    except SystemExit as e:  # argparse / jsonargparse exit after printing help
+        rc = e.code
+    out = capsys.readouterr()
+    assert rc in (0, None), (cmd, out.err[-500:])
+    assert "usage" in (out.out + out.err).lower(), (cmd, out.out[:300])
+
+
+def test_plot_of_a_missing_run_is_one_line(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.jsonl not found" in err[0]
