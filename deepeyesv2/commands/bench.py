@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
+import tempfile
 import json
 import math
 import os
@@ -212,11 +214,15 @@ def repo_root() -> Path:
 
 
 def import_bench(module: str):
-    """Import bench.<x> from the checkout. The root is appended (not prepended) to sys.path: our folder `kernels/`
-    must not shadow Hugging Face's installed `kernels` package."""
-    root = str(repo_root())
-    # `python -m` (run from the checkout) put the working directory first; move the root to the end.
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", root, os.getcwd())] + [root]
+    """Import `bench.<x>` from the checkout's bench/ (repo_root()). The `bench` package is loaded from its file
+    location: the installed package never edits sys.path (a checkout folder on it would also let our `kernels/`
+    folder shadow Hugging Face's installed `kernels` package, which transformers probes by import name)."""
+    if "bench" not in sys.modules:
+        init = repo_root() / "bench" / "__init__.py"
+        spec = importlib.util.spec_from_file_location("bench", init, submodule_search_locations=[str(init.parent)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["bench"] = pkg
+        spec.loader.exec_module(pkg)
     return importlib.import_module(module)
 
 
@@ -244,7 +250,8 @@ def run_one(spec: BenchSpec, quick: bool, timeout: float, kwargs: dict | None = 
         cmd += ["--kwargs", json.dumps(kwargs)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(repo_root()), timeout=timeout)
+        # cwd outside the checkout: nothing of it lands on the worker's sys.path (import_bench loads bench/ by path)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=timeout)
     except subprocess.TimeoutExpired:
         return [], time.perf_counter() - t0, f"timed out after {timeout:.0f} s"
     dt = time.perf_counter() - t0

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from deepeyesv2 import benchmarks as B
+from deepeyesv2.commands import bench as B
 
 
 def test_parse_value_known_units():

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from deepeyesv2 import benchmarks as B
+from deepeyesv2.commands import bench as B
 
 C = B.import_bench("bench._common")
 

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from deepeyesv2 import benchmarks as B
+from deepeyesv2.commands import bench as B
 
 peer = B.import_bench("bench.verl_peer")
 worker = B.import_bench("bench.verl_peer_worker")

@@ -166,7 +166,7 @@ def test_shipped_architectures_match_published_sizes():
 
 def test_cpu_logprob_tile_is_the_kernels_tiling():
     """The planner's copy of the CPU kernel's tile sizing agrees with the kernel (constants and formula)."""
-    from deepeyesv2 import memory_plan as mp
+    from deepeyesv2.commands import plan as mp
     from deepeyesv2_kernels import logprobs_torch as lt
 
     assert (mp.CPU_TILE_BYTES, mp.CPU_TOKEN_CHUNK_MAX, mp.CPU_VOCAB_BLOCK_MIN) == (
