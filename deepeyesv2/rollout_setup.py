@@ -96,7 +96,7 @@ def make_rollouts(model, processor, cfg: Config, progress: bool | None = None) -
     return Rollouts(
         engine=make_engine(model, processor, cfg),
         processor=processor,
-        registry=default_registry(pool=pool),
+        registry=default_registry(),
         pool=pool,
         sampling=SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens),

@@ -153,7 +153,7 @@ def build_rollouts(model, processor, s: EvalSettings):
     cfg.train.seed = s.seed
     rollouts = make_rollouts(model, processor, cfg, progress=s.progress)
     if s.corpus:
-        rollouts.registry = default_registry(corpus_path=s.corpus, pool=rollouts.pool)
+        rollouts.registry = default_registry(corpus_path=s.corpus)
     return rollouts
 
 

@@ -7,22 +7,17 @@ from pathlib import Path
 from .base import ToolRegistry
 from .code import CodeTool
 from .image_search import ImageIndex, ImageSearchTool
-from .sandbox import SandboxPool
 from .search import LocalBM25Search, SearchTool
 
 
 def default_registry(corpus_path: str | Path | None = None,
-                     image_index_path: str | Path | None = None,
-                     pool: SandboxPool | None = None) -> ToolRegistry:
+                     image_index_path: str | Path | None = None) -> ToolRegistry:
     """code + search (offline BM25 over ``corpus_path``, default the shipped corpus) +
     image_search (``image_index_path`` directory, default a synthetic index of corpus entities).
 
-    ``pool`` is kept as ``registry.pool`` for whoever builds the episodes' ``Session``s
-    (``Session(images, pool=registry.pool)``); the tools themselves take the session.
+    The tools take the episode's sandbox `Session`; the sandbox pool behind the sessions is passed to
+    `run_episodes(..., pool=...)`, not kept here.
     """
     index = (ImageIndex.from_directory(image_index_path) if image_index_path is not None
              else ImageIndex.synthetic(corpus_path=corpus_path))
-    registry = ToolRegistry([CodeTool(), SearchTool(LocalBM25Search(corpus_path)),
-                             ImageSearchTool(index)])
-    registry.pool = pool
-    return registry
+    return ToolRegistry([CodeTool(), SearchTool(LocalBM25Search(corpus_path)), ImageSearchTool(index)])

@@ -93,7 +93,7 @@ def _records() -> dict[str, dict]:
 def oracle_rollouts():
     proc = load_processor("tiny")
     pool = SandboxPool(size=2, limits=SandboxLimits(timeout_s=30))
-    rollouts = Rollouts(engine=OracleEngine(proc, _records()), processor=proc, registry=default_registry(pool=pool),
+    rollouts = Rollouts(engine=OracleEngine(proc, _records()), processor=proc, registry=default_registry(),
                         pool=pool, sampling=SamplingParams(temperature=0.0, max_new_tokens=256),
                         limits=EpisodeLimits(max_turns=4, max_total_tokens=32768), progress=False)
     yield rollouts, proc
