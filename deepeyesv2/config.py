@@ -126,6 +126,29 @@ class RLConfig:
     entropy_coef: float = 0.0
     recompute_old_logprobs: bool = False  # else reuse the sampling-time log-probs
     reward: str = "deepeyesv2"  # deepeyesv2 | deepeyes_v1 | a "module:function" path
+    log_completions: int = 4  # episodes per step written to out_dir/completions.jsonl (turns, tool calls, reward); 0 = none
+
+
+JUDGE_FAILURE_SCORES = ("rules", "zero")  # deepeyesv2.judge: how a verdict that failed after every retry is scored
+
+
+@dataclass
+class JudgeConfig:
+    """An LLM judge served over an OpenAI-compatible chat endpoint (deepeyesv2.judge), used by RL and eval for
+    answer_type 'judge' items and, with free_form, for free-form answers the rules reject."""
+
+    url: str = ""  # LLM judge endpoint base, e.g. http://127.0.0.1:8000/v1 (vLLM / SGLang); "" = no judge, rules only
+    model: str = ""  # the served judge model's name (vLLM --served-model-name); required with url
+    temperature: float = 0.3  # judge sampling temperature (DeepEyesV2 samples its judge at 0.3)
+    max_tokens: int = 512  # tokens per verdict (a short reasoning, then \boxed{yes} or \boxed{no})
+    concurrency: int = 16  # judge requests in flight at once (a step's verdicts go out together)
+    timeout_s: float = 60.0  # per judge request, seconds
+    retries: int = 3  # further attempts after a timeout, connection error, HTTP 429/5xx, bad JSON or no verdict
+    backoff_s: float = 1.0  # wait before the first retry; doubles each retry (with jitter, at most 30 s)
+    on_failure: str = "rules"  # a verdict that failed every attempt scores: rules (the rule matcher's score) or zero
+    free_form: bool = True  # also judge free-form answers the rules reject (else only answer_type 'judge' items)
+    cache_size: int = 100_000  # verdicts kept, keyed by (question, answer, gold); 0 = no cache
+    api_key_env: str = ""  # name of an environment variable holding the endpoint's API key (sent as Bearer); "" = none
 
 
 @dataclass
@@ -136,6 +159,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 class ConfigError(ValueError):
@@ -205,6 +229,10 @@ def _device_ok(v: Any) -> bool:
 
 def _reward_ok(v: Any) -> bool:
     return isinstance(v, str) and (v in REWARD_NAMES or re.fullmatch(r"[\w.]+:[\w.]+", v) is not None)
+
+
+def _judge_url_ok(v: Any) -> bool:
+    return isinstance(v, str) and (v == "" or re.fullmatch(r"https?://\S+", v) is not None)
 
 
 def _lora_targets_ok(v: Any) -> bool:
@@ -288,6 +316,19 @@ def constraints() -> dict[str, Check]:
         "rl.entropy_coef": number(),
         "rl.recompute_old_logprobs": BOOL,
         "rl.reward": Check(_reward_ok, "'deepeyesv2', 'deepeyes_v1' or a 'package.module:function' path"),
+        "rl.log_completions": integer(0),
+        "judge.url": Check(_judge_url_ok, "'' or an http:// or https:// URL"),
+        "judge.model": TEXT,
+        "judge.temperature": number(0),
+        "judge.max_tokens": integer(1),
+        "judge.concurrency": integer(1),
+        "judge.timeout_s": number(0, lo_open=True),
+        "judge.retries": integer(0),
+        "judge.backoff_s": number(0),
+        "judge.on_failure": one_of(*JUDGE_FAILURE_SCORES),
+        "judge.free_form": BOOL,
+        "judge.cache_size": integer(0),
+        "judge.api_key_env": TEXT,
     }
 
 
@@ -311,6 +352,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"rl.overlong_buffer={cfg.rl.overlong_buffer}: must be smaller than "
                           f"rollout.max_total_tokens={cfg.rollout.max_total_tokens} (the penalty starts at "
                           f"max_total_tokens - overlong_buffer)")
+    if cfg.judge.url and not cfg.judge.model.strip():
+        raise ConfigError(f"judge.url={cfg.judge.url!r} needs judge.model: the served judge model's name")
     if cfg.train.resume and cfg.train.overwrite:
         raise ConfigError("train.resume=True and train.overwrite=True: choose one (resume continues the run in "
                           "train.out_dir, overwrite clears it)")

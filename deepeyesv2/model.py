@@ -36,6 +36,17 @@ PRESETS: dict[str, dict] = {
         vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, window_size=112,
                     fullatt_block_indexes=[1]),
     ),
+    # Real Qwen2.5-VL's lm-head width: its 151,665 tokens padded to 151,936 rows. Here the tiny tokenizer's ids
+    # fill the first rows and the rest are padding that the engines never sample (masked logits, as for real
+    # Qwen's padded rows) while log-probs and the loss span every row -- the width where fused log-prob
+    # kernels matter and where TRL runs out of memory. Two layers, so a GRPO step fits a CPU in seconds.
+    "wide": dict(
+        vocab_size=151_936,
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                  num_key_value_heads=4, mrope_section=[8, 12, 12]),
+        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, window_size=112,
+                    fullatt_block_indexes=[1]),
+    ),
 }
 
 
@@ -53,7 +64,7 @@ def preset_config(preset: dict, processor: ChatProcessor):
     tok = processor.tokenizer
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tok), max_position_embeddings=32768, tie_word_embeddings=False,
+            vocab_size=preset.get("vocab_size", len(tok)), max_position_embeddings=32768, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": preset.get("rope_theta", 1_000_000.0), "mrope_section": section},
             bos_token_id=None, eos_token_id=processor.im_end_id, pad_token_id=processor.pad_id, **text,
         ),

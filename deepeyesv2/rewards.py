@@ -3,7 +3,8 @@
 One answer matcher (`match_answer`) serves both the RL rewards and evaluation, so "correct" means the
 same thing in both places. Reward functions take a `RewardInput` (plain values, no rollout types) and
 return a `RewardResult(total, components)`; `score` wraps a call so that a failing reward function
-raises a `RewardError` naming the trajectory and the function instead of silently scoring 0.
+raises a `RewardError` naming the trajectory and the function instead of silently scoring 0; `score_batch` scores
+a batch from a thread pool, so that the judge requests of a batch (deepeyesv2.judge) go out together.
 
 Rules (from DeepEyesV2's released `verl/utils/reward_score/deepeyesv2.py`):
   deepeyesv2:  0.8 * acc * (1 - 0.1 [search task and a <tool_call> used]) + 0.2 * format
@@ -18,6 +19,7 @@ import importlib
 import math
 import re
 import string
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -230,8 +232,9 @@ class RewardResult:
 RewardFn = Callable[[RewardInput], RewardResult]
 
 
-def _accuracy_and_format(inp: RewardInput, judge: Judge | None, rel_tol: float, long_answer_rule: bool) -> tuple[float, float, float]:
-    """(accuracy, format, long_answer flag)."""
+def _accuracy_and_format(inp: RewardInput, judge: Judge | None, rel_tol: float, long_answer_rule: bool,
+                         judge_free_form: bool = True) -> tuple[float, float, float]:
+    """(accuracy, format, long_answer flag). judge_free_form: free-form answers the rules reject go to the judge too."""
     fmt = 1.0 if inp.format_ok else 0.0
     answer = inp.answer.strip() if inp.answer is not None else ""
     if not answer:
@@ -240,7 +243,7 @@ def _accuracy_and_format(inp: RewardInput, judge: Judge | None, rel_tol: float, 
         # DeepEyesV2: "Penalize for model trying to predict longer answer to hack llm-as-judge"
         return 0.0, 0.0, 1.0
     acc = match_answer(answer, inp.gold, inp.answer_type, rel_tol=rel_tol, judge=judge, question=inp.question)
-    if acc < 1.0 and judge is not None and inp.answer_type == "auto" and _free_form(inp.gold):
+    if acc < 1.0 and judge is not None and judge_free_form and inp.answer_type == "auto" and _free_form(inp.gold):
         # DeepEyesV2 judges accuracy with an LLM; rules settle letters and numbers and the easy free-form
         # cases, the judge (when given) the rest: "it is pink" vs "pink".
         acc = match_answer(answer, inp.gold, "judge", judge=judge, question=inp.question)
@@ -257,20 +260,22 @@ def used_tool_call(inp: RewardInput) -> bool:
     return "<tool_call>" in inp.response_text or any(n in SEARCH_TOOL_NAMES for n in inp.tool_names)
 
 
-def deepeyesv2_reward(inp: RewardInput, judge: Judge | None = None, rel_tol: float = 1e-2) -> RewardResult:
+def deepeyesv2_reward(inp: RewardInput, judge: Judge | None = None, rel_tol: float = 1e-2,
+                      judge_free_form: bool = True) -> RewardResult:
     """0.8 * acc * (1 - 0.1 * [search task and <tool_call> used]) + 0.2 * format (DeepEyesV2's
     `compute_score_search`: `0.8 * acc_reward * (1 - search_penalty) + 0.2 * format_reward`)."""
-    acc, fmt, long_answer = _accuracy_and_format(inp, judge, rel_tol, long_answer_rule=True)
+    acc, fmt, long_answer = _accuracy_and_format(inp, judge, rel_tol, long_answer_rule=True, judge_free_form=judge_free_form)
     penalty = SEARCH_TOOL_PENALTY if inp.category == "search" and used_tool_call(inp) else 0.0
     total = 0.8 * acc * (1.0 - penalty) + 0.2 * fmt
     return RewardResult(total, {"accuracy": acc, "format": fmt, "search_penalty": penalty, "long_answer": long_answer})
 
 
 def deepeyes_v1_reward(
-    inp: RewardInput, judge: Judge | None = None, rel_tol: float = 1e-2, failed_call_penalty: float = 0.0
+    inp: RewardInput, judge: Judge | None = None, rel_tol: float = 1e-2, failed_call_penalty: float = 0.0,
+    judge_free_form: bool = True,
 ) -> RewardResult:
     """0.8 * acc + 0.2 * format + 1.2 * [tool called and acc > 0.5] - failed_call_penalty * failed calls."""
-    acc, fmt, _ = _accuracy_and_format(inp, judge, rel_tol, long_answer_rule=False)
+    acc, fmt, _ = _accuracy_and_format(inp, judge, rel_tol, long_answer_rule=False, judge_free_form=judge_free_form)
     tool = 1.0 if inp.tool_names and acc > 0.5 else 0.0
     failed = failed_call_penalty * inp.failed_tool_calls
     total = 0.8 * acc + 0.2 * fmt + 1.2 * tool - failed
@@ -304,6 +309,16 @@ def get_reward_fn(name: str, **params: Any) -> RewardFn:
     return partial(fn, **params) if params else fn
 
 
+def build_reward_fn(name: str, judge: Judge | None = None, judge_free_form: bool = True) -> RewardFn:
+    """The reward `name` with the judge bound: a built-in gets `judge` and `judge_free_form`; a
+    "package.module:function" reward gets `judge=` only, and only when there is a judge."""
+    if judge is None:
+        return get_reward_fn(name)
+    if name in REWARD_FNS:
+        return get_reward_fn(name, judge=judge, judge_free_form=judge_free_form)
+    return get_reward_fn(name, judge=judge)
+
+
 def _fn_name(fn: Callable) -> str:
     while isinstance(fn, partial):
         fn = fn.func
@@ -326,6 +341,15 @@ def score(inp: RewardInput, reward_fn: RewardFn) -> RewardResult:
     if not math.isfinite(out.total):
         raise RewardError(f"reward function {_fn_name(reward_fn)} returned a non-finite reward {out.total} for trajectory {tid}")
     return out
+
+
+def score_batch(inputs: list[RewardInput], reward_fn: RewardFn, workers: int = 1) -> list[RewardResult]:
+    """`score` of every input, in order. workers > 1: from a pool of that many threads, so that the judge calls of
+    the batch (each blocking on the service) are in flight together; the judge itself bounds its requests."""
+    if workers <= 1 or len(inputs) <= 1:
+        return [score(inp, reward_fn) for inp in inputs]
+    with ThreadPoolExecutor(max_workers=min(workers, len(inputs)), thread_name_prefix="reward") as pool:
+        return list(pool.map(lambda inp: score(inp, reward_fn), inputs))
 
 
 def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float = 1.0) -> float:

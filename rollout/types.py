@@ -144,11 +144,15 @@ class Prompt:
 
 @dataclass
 class ToolCallRecord:
+    """One tool/code call: output is the tool's text reply before the episode loop truncates it (None when the
+    loop did not record it)."""
+
     name: str
     args: dict
     status: str
     latency_s: float
     error: str | None = None
+    output: str | None = None
 
 
 @dataclass

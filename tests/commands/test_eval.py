@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,13 @@ import pytest
 from PIL import Image
 
 from deepeyesv2.data import load_prompts
-from deepeyesv2.commands.eval import aggregate, eval_table, load_callable, main, resolve_model_path, run_eval
+from deepeyesv2.commands.eval import (aggregate, eval_table, item_record, judge_config, load_callable, main, parse_args,
+                                     resolve_model_path, run_eval)
+from deepeyesv2.config import JudgeConfig
+from deepeyesv2.judge import JudgeClient
 from deepeyesv2.model import load_processor
-from deepeyesv2.rewards import RewardResult, get_reward_fn
+from deepeyesv2.rewards import RewardResult, build_reward_fn, get_reward_fn
+from deepeyesv2.scoring import rollout_and_score
 from deepeyesv2.rollout_setup import Rollouts
 from deepeyesv2_rollout.episode import EpisodeLimits
 from deepeyesv2_rollout.tools.registry import default_registry
@@ -161,6 +167,86 @@ def test_judge_rescues_free_form_answers(oracle_rollouts):
     assert res["overall"]["accuracy"] == 1.0
 
 
+def test_items_are_readable(oracle_result):
+    """Every item holds each turn's text, what the environment answered, the tool calls and the images' sizes."""
+    items = {it["id"]: it for it in oracle_result["items"]}
+    json.dumps(oracle_result)  # plain JSON all the way down
+    failing = items[FAILING_CODE]
+    assert [t["text"] is not None for t in failing["turn_texts"]] == [True, True]
+    assert "print(1 / 0)" in failing["turn_texts"][0]["text"]
+    assert "ZeroDivisionError" in failing["turn_texts"][0]["observation"]
+    assert failing["turn_texts"][1]["observation"] is None and "<answer>" in failing["turn_texts"][1]["text"]
+    call = failing["tool_calls"][0]
+    assert (call["name"], call["status"], call["args"]["code"].strip()) == ("code", "error", "print(1 / 0)")
+    assert "ZeroDivisionError" in call["error"]
+    assert [im["source"] for im in failing["images"]] == ["input"]  # the code printed; it returned no image
+    search = items["search-1"]
+    assert "<tool_response>" in search["turn_texts"][0]["observation"]
+    assert search["tool_calls"][0]["args"] == {"query": _records()["search-1"]["search_query"]}
+    # image search hands back images: their sizes are recorded as tool images, and the observation shows them
+    found = items["integration-1"]
+    assert [im["source"] for im in found["images"]].count("tool") >= 1
+    assert "<image>" in found["turn_texts"][0]["observation"] and "<|image_pad|>" not in found["turn_texts"][0]["observation"]
+    for im in found["images"]:
+        assert im["width"] > 0 and im["height"] > 0
+
+
+def test_item_texts_are_cut(oracle_rollouts):
+    rollouts, proc = oracle_rollouts
+    trajs, results = rollout_and_score(rollouts, proc, [p for p in load_prompts(SAMPLE_PATH) if p.id == "search-1"],
+                                       get_reward_fn("deepeyesv2"))
+    rec = item_record(trajs[0], results[0], proc, max_chars=40)
+    obs = rec["turn_texts"][0]["observation"]
+    assert obs.endswith("more chars]") and len(obs) < 80
+
+
+class _YesJudge(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Same. \\boxed{yes}"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def yes_judge_url():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _YesJudge)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_endpoint_judge_counts_in_the_summary(oracle_rollouts, yes_judge_url):
+    rollouts, proc = oracle_rollouts
+    prompts = [p for p in load_prompts(SAMPLE_PATH) if p.id in ("search-3", "search-1")]
+    judge = JudgeClient(JudgeConfig(url=yes_judge_url, model="stub", retries=0))
+    res = run_eval(rollouts, proc, prompts, build_reward_fn("deepeyesv2", judge), samples=2, judge=judge)
+    # search-3 (free-form "amber", answered "wrong") twice: one request, then the cache; search-1 is numeric
+    assert res["overall"]["accuracy"] == 1.0
+    assert (res["overall"]["judge_requests"], res["overall"]["judge_cache_hits"], res["overall"]["judge_failures"]) == (1, 1, 0)
+    assert res["judge"]["url"] == yes_judge_url and res["judge"]["failure_reasons"] == {}
+
+
+def test_cli_judge_flags_are_checked_first(tmp_path, capsys):
+    data = tmp_path / "missing.jsonl"  # never read: the flags fail first
+    assert main(["--model", "tiny", "--data", str(data), "--judge", "http://127.0.0.1:9/v1"]) == 2
+    assert "--judge-model" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--data", str(data), "--judge", "http://127.0.0.1:9/v1", "--judge-model", "m",
+                 "--judge-concurrency", "0"]) == 2
+    assert "--judge-concurrency=0" in capsys.readouterr().err
+    s = parse_args(["--model", "tiny", "--data", "x", "--judge", "http://h/v1", "--judge-model", "m",
+                    "--judge-temperature", "0.7", "--judge-on-failure", "zero", "--judge-typed-only"])
+    j = judge_config(s)
+    assert (j.url, j.model, j.temperature, j.on_failure, j.free_form) == ("http://h/v1", "m", 0.7, "zero", False)
+
+
 def _traj(pid, cat, n_turns, tools, sample=0):
     calls = [ToolCallRecord(name, {}, status, 0.0) for name, status in tools]
     return Trajectory(token_ids=[1], loss_mask=[0], sample_logprobs=[0.0], images=[], pixel_values=None,
@@ -227,7 +313,7 @@ def test_sample_matches_its_generator(tmp_path):
 
 
 def test_sample_is_answerable_with_the_tools():
-    from deepeyesv2.realx_sample import SQUARE
+    SQUARE = realx_sample.SQUARE  # the generator script (loaded by path above); the module moved to scripts/
     from deepeyesv2_rollout.tools.image_search import ImageIndex
     from deepeyesv2_rollout.tools.search import LocalBM25Search
 
