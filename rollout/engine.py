@@ -219,7 +219,7 @@ class EmbeddedEngine:
             futures.append(fut)
         if seqs:
             with self._lifecycle:
-                if self.threaded and self._thread is None:
+                if self.threaded and (self._thread is None or not self._thread.is_alive()):
                     self._start_thread()
                 self._queue.put(seqs)
         return futures
