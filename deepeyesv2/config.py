@@ -31,6 +31,7 @@ ATTN_BACKENDS = ("sdpa", "flash", "xformers")  # implemented in deepeyesv2.atten
 LORA_ATTN_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})  # deepeyesv2.lora
 LORA_MLP_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
 REWARD_NAMES = ("deepeyesv2", "deepeyes_v1")  # deepeyesv2.rewards.REWARD_FNS' keys
+ROLLOUT_SCHEDULES = ("async", "turn_sync")  # deepeyesv2_rollout.episode.SCHEDULES
 
 
 @dataclass
@@ -103,6 +104,9 @@ class RolloutConfig:
     cache_tokens: int = 200_000  # prefix-KV cache budget of the embedded engine
     sandbox_workers: int = 4
     code_timeout_s: float = 10.0
+    schedule: str = "async"  # async: every episode advances on its own, no turn barrier | turn_sync: all episodes one turn together
+    tool_workers: int = 0  # threads running tool calls; 0 = one per episode of a rollout call (calls never queue)
+    tool_timeout_s: float = 120.0  # a tool call still running after this ends its episode (tool_error); above the tools' own limits
 
 
 @dataclass
@@ -296,6 +300,9 @@ def constraints() -> dict[str, Check]:
         "rollout.cache_tokens": integer(0),
         "rollout.sandbox_workers": integer(0),
         "rollout.code_timeout_s": number(0, lo_open=True),
+        "rollout.schedule": one_of(*ROLLOUT_SCHEDULES),
+        "rollout.tool_workers": integer(0),
+        "rollout.tool_timeout_s": number(0, lo_open=True),
         "rl.prompts_per_step": integer(1),
         # one sample per group has advantage 0 (its own group mean): it would train on nothing, silently
         "rl.group_size": integer(2),

@@ -29,6 +29,9 @@ class Rollouts:
     progress: bool = True
     seed: int = 0
     required_tools: tuple[str, ...] = ("code", "search", "image_search")
+    schedule: str = "async"  # run_episodes' schedule: async (per-episode loops) | turn_sync
+    tool_workers: int | None = None  # tool-pool threads; None: one per episode
+    tool_timeout_s: float | None = None  # a tool call past this ends its episode; None: the tools' own limits
     _offset: int = field(default=0, repr=False)
 
     def run(self, prompts: list[Prompt], group_size: int, sampling: SamplingParams | None = None, *,
@@ -46,7 +49,8 @@ class Rollouts:
             trajs = run_episodes(self.engine, self.processor, self.registry, prompts, group_size,
                                  sp, self.limits, pool=self.pool, progress=self.progress,
                                  required_tools=self.required_tools, group_id_offset=self._offset + slice_start,
-                                 seed_index_offset=slice_start * group_size)
+                                 seed_index_offset=slice_start * group_size, schedule=self.schedule,
+                                 max_tool_workers=self.tool_workers, tool_timeout_s=self.tool_timeout_s)
         self._offset += round_size
         return trajs
 
@@ -104,4 +108,7 @@ def make_rollouts(model, processor, cfg: Config, progress: bool | None = None) -
                              max_images=cfg.rollout.max_images),
         progress=cfg.train.progress if progress is None else progress,
         seed=cfg.train.seed,
+        schedule=cfg.rollout.schedule,
+        tool_workers=cfg.rollout.tool_workers or None,
+        tool_timeout_s=cfg.rollout.tool_timeout_s,
     )

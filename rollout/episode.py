@@ -1,11 +1,19 @@
-"""The episode loop: G samples per prompt, one policy turn at a time for all live episodes, tools between.
+"""The episode: G samples per prompt, each a sequence of policy turns with tools between, and `run_episodes`.
 
     render prompt (chat.render_chat, generation prompt) --> for each turn:
-      all live episodes generate one turn together (one engine call, batched)
+      the policy generates one turn (one engine request)
       -> parse the action (protocol.parse_action)
-      -> answer: done | code/tool: run in a thread pool, one Session per episode | malformed: error text
+      -> answer: done | code/tool: run on the tool pool (threads), one Session per episode | malformed: error text
       -> append  <|im_end|>\\n<|im_start|>user\\n{tool text}{image blocks}<|im_end|>\\n<|im_start|>assistant\\n
          (loss mask 0; tool images get exactly the pad count the processor gives them)
+
+Two schedules run those stages (`run_episodes(schedule=...)`), with the same stages and the same trajectories:
+- "async" (rollout/agent_loop.py): every episode advances on its own -- its turn ends, its tool call goes to the
+  tool pool, and its next turn is submitted as soon as the result is back. No barrier between episodes.
+- "turn_sync": all live episodes generate one turn together (one batched `engine.generate`), then every tool
+  call of that turn finishes before the next turn starts (the baseline; DeepEyesV2's released RL does this).
+A turn's sampling seed derives from (sampling.seed, episode index, turn) only, so neither schedule's order of
+requests or tool results changes what is sampled (batching changes fp32 round-off only).
 
 The policy's tokens, including the stop tag it generated, get loss mask 1 and their sampling-time
 log-probs; everything the environment writes gets 0. Limits end an episode with a recorded stop_reason.
@@ -14,16 +22,19 @@ Tool text is environment text: encoded as plain text (ChatProcessor.encode_plain
 never become a control token; returned images pass chat.fit_image first. An exception while handling one
 episode's turn, tool call or observation ends that episode only (stop_reason tool_error / env_error, the
 one-line Trajectory.error, a RuntimeWarning); its state is rolled back to before the failing stage, so the
-trajectory stays consistent (every pad block has its image) and the batch goes on.
+trajectory stays consistent (every pad block has its image) and the batch goes on. So does an engine error on
+one request (async schedule: stage "generate", env_error) and a tool call that does not return within
+`tool_timeout_s` (tool_error; its session is closed, the late result discarded).
 """
 
 from __future__ import annotations
 
 import os
+import time
 import traceback
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +51,8 @@ PROTOCOL_TOOLS = ("code", "search", "image_search")
 TRUNCATION_NOTE = "\n...[output truncated]"
 MAX_ERROR_CHARS = 500  # Trajectory.error: an exception message can carry arbitrary tool output
 # Which stop_reason a failing stage gives (see types.STOP_REASONS).
-STAGE_STOP_REASONS = {"turn": "env_error", "tool": "tool_error", "observation": "env_error"}
+STAGE_STOP_REASONS = {"generate": "env_error", "turn": "env_error", "tool": "tool_error", "observation": "env_error"}
+SCHEDULES = ("async", "turn_sync")
 
 
 @dataclass
@@ -67,6 +79,25 @@ class RequestTag:
     prompt_index: int
     sample_index: int
     turn: int
+
+
+class ToolCall:
+    """One episode's tool call in flight: its action and the Session it runs in (made by the call when the
+    episode has none yet -- the loop reads it from here, also when it abandons the call)."""
+
+    def __init__(self, action: Action, session: Any, input_images: list[Image.Image]):
+        self.action, self.session, self.input_images = action, session, input_images
+
+
+@dataclass
+class ToolOutcome:
+    """One tool call's outcome, made on a tool-pool thread: its record, the observation's text and images, and
+    the exception that ends the episode (else None)."""
+
+    record: ToolCallRecord | None  # None: no call was made (a malformed action's feedback)
+    text: str = ""
+    images: list[Image.Image] = field(default_factory=list)
+    error: BaseException | None = None
 
 
 class _Episode:
@@ -166,17 +197,13 @@ class EpisodeRunner:
 
     # -- faults ---------------------------------------------------------------------------------------
     def guarded(self, stage: str, fn: Callable, ep: _Episode, *args):
-        """fn(ep, *args); an exception ends this episode only (state rolled back to before the stage).
-        Runs in tool worker threads too: it touches nothing but `ep`."""
+        """fn(ep, *args) on the loop's thread; an exception ends this episode only (state rolled back to before
+        the stage)."""
         snap = ep.snapshot()
         try:
             return fn(ep, *args)
         except Exception as e:  # noqa: BLE001 -- one episode's fault must not cost the batch
             ep.restore(snap)
-            if stage == "tool" and ep.pending is not None:
-                # the call happened as far as the metrics go: count it as a failed call
-                ep.tool_calls.append(ToolCallRecord(ep.pending.tool_name, ep.pending.tool_args, "error", 0.0,
-                                                    f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]))
             self.fail(ep, stage, e)
             return None
 
@@ -233,23 +260,55 @@ class EpisodeRunner:
         ep.pending = action
 
     # -- the environment's turn ----------------------------------------------------------------------
-    def run_tool(self, ep: _Episode) -> tuple[str, list[Image.Image]] | None:
-        """Runs in a worker thread. Returns (text, images) for the observation, or None if the episode ended."""
-        action = ep.pending
-        if action.kind == "invalid":
-            return invalid_action_feedback(action), []
-        if ep.session is None:
+    def call_tool(self, call: ToolCall) -> ToolOutcome:
+        """Runs on a tool-pool thread: one tool call, with a new Session first (kept in `call.session`) when the
+        episode has none. It touches no episode state (a call abandoned past its deadline may return after its
+        episode ended); the loop applies the outcome (`apply_tool`)."""
+        action = call.action
+        if action.kind == "invalid":  # no call: the policy reads why its action was not understood
+            return ToolOutcome(None, invalid_action_feedback(action))
+        if call.session is None:
             try:
-                ep.session = self.session_factory(list(ep.input_images))
+                call.session = self.session_factory(list(call.input_images))
             except Exception as e:  # noqa: BLE001 -- a sandbox that cannot start ends this episode only
-                ep.tool_calls.append(ToolCallRecord(action.tool_name, action.tool_args, "error", 0.0, f"session: {e}"))
-                self.fail(ep, "tool", e)
-                return None
-        result = self.registry.call(action.tool_name, action.tool_args, ep.session)
-        ep.tool_calls.append(ToolCallRecord(action.tool_name, action.tool_args, result.status, result.latency_s, result.error))
-        # A tool may hand back nothing, None entries or non-images: only real images become image blocks.
-        images = [im.convert("RGB") for im in (result.images or []) if isinstance(im, Image.Image)]
-        return result.text or "", images
+                return ToolOutcome(ToolCallRecord(action.tool_name, action.tool_args, "error", 0.0, f"session: {e}"),
+                                   error=e)
+        try:
+            result = self.registry.call(action.tool_name, action.tool_args, call.session)
+            # A tool may hand back nothing, None entries or non-images: only real images become image blocks.
+            images = [im.convert("RGB") for im in (result.images or []) if isinstance(im, Image.Image)]
+        except Exception as e:  # noqa: BLE001 -- counted as a failed call; ends this episode only
+            return ToolOutcome(ToolCallRecord(action.tool_name, action.tool_args, "error", 0.0,
+                                              f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]), error=e)
+        record = ToolCallRecord(action.tool_name, action.tool_args, result.status, result.latency_s, result.error)
+        return ToolOutcome(record, result.text or "", images)
+
+    def apply_tool(self, ep: _Episode, call: ToolCall, out: ToolOutcome) -> tuple[str, list[Image.Image]] | None:
+        """The loop's side of a finished call: record it on the episode. Returns (text, images) for the
+        observation, or None when the call failed (the episode then ends with tool_error)."""
+        ep.session = call.session
+        if out.record is not None:
+            ep.tool_calls.append(out.record)
+        ep.pending = None
+        if out.error is not None:
+            self.fail(ep, "tool", out.error)
+            return None
+        return out.text, out.images
+
+    def tool_overdue(self, ep: _Episode, timeout_s: float) -> None:
+        """A call that did not return within `timeout_s`: recorded as a timeout, the episode ends with
+        tool_error. The caller abandons the call (its late outcome is discarded and its new session closed)."""
+        action = ep.pending
+        msg = f"{action.tool_name} did not return within tool_timeout_s={timeout_s:g}"
+        ep.tool_calls.append(ToolCallRecord(action.tool_name, action.tool_args, "timeout", float(timeout_s), msg))
+        self.fail(ep, "tool", TimeoutError(msg))
+
+    def apply_result(self, ep: _Episode, res: GenerateResult) -> None:
+        """The engine's answer to this episode's request: a malformed result is the engine's bug (raised, it ends
+        the run); a well-formed one becomes the policy's turn."""
+        if len(res.token_ids) != len(res.logprobs):
+            raise ValueError(f"engine returned {len(res.token_ids)} tokens but {len(res.logprobs)} log-probs")
+        self.guarded("turn", self.add_turn, ep, res)
 
     def add_observation(self, ep: _Episode, text: str, images: list[Image.Image]) -> None:
         """Append the user turn with the tool's text and images (mask 0). Nothing is appended until every
@@ -319,18 +378,31 @@ def run_episodes(
     required_tools: tuple[str, ...] = PROTOCOL_TOOLS,
     group_id_offset: int = 0,
     seed_index_offset: int = 0,
-    max_tool_workers: int = 8,
+    schedule: str = "async",
+    max_tool_workers: int | None = None,
+    tool_timeout_s: float | None = None,
 ) -> list[Trajectory]:
     """Roll out `group_size` episodes per prompt. Returns trajectories prompt-major (group g = prompts[g],
     group_id = group_id_offset + g), samples in order within a group.
 
     Episode i's sampling seed derives from (sampling.seed, seed_index_offset + i): a caller that splits one
     batch of prompts over several calls (data-parallel ranks) passes each slice's first episode index and
-    samples exactly what one call over the whole batch would."""
+    samples exactly what one call over the whole batch would.
+
+    schedule: "async" (per-episode loops, rollout/agent_loop.py; needs the engine's `agenerate`) or "turn_sync"
+    (all live episodes one turn together through `engine.generate`). max_tool_workers: threads of the tool pool
+    (None: one per episode, so tool calls never queue behind each other). tool_timeout_s: a tool call still
+    running after this long ends its episode (tool_error); None waits for the tool's own limits."""
     from tqdm.auto import tqdm
 
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if max_tool_workers is not None and max_tool_workers < 1:
+        raise ValueError(f"max_tool_workers must be >= 1 (or None: one per episode), got {max_tool_workers}")
+    if tool_timeout_s is not None and not tool_timeout_s > 0:
+        raise ValueError(f"tool_timeout_s must be > 0 (or None), got {tool_timeout_s}")
     limits = limits or EpisodeLimits()
     check_registry(registry, required_tools)
     if session_factory is None:
@@ -342,46 +414,105 @@ def run_episodes(
                                default_system=prompt.system, name=f"prompt {prompt.id!r}")
         for g in range(group_size):
             episodes.append(_Episode(prompt, pi, g, group_id_offset + pi, rendered, processor))
+    if not episodes:
+        return []
+    tools = ToolPool(max_tool_workers or len(episodes))
     bar = tqdm(total=len(episodes), desc="episodes", disable=not progress, leave=False)
+    seeds = [seed_index_offset + i for i in range(len(episodes))]
     try:
-        with ThreadPoolExecutor(max_workers=max(1, max_tool_workers)) as workers:
-            while True:
-                live = [(i, ep) for i, ep in enumerate(episodes) if not ep.done]
-                reqs = [(ep, ep.request(sampling, limits, seed_index_offset + i)) for i, ep in live]
-                reqs = [(ep, r) for ep, r in reqs if r is not None]
-                if not reqs:
-                    break
-                results = engine.generate([r for _, r in reqs], sampling)
-                if len(results) != len(reqs):
-                    raise RuntimeError(f"engine returned {len(results)} results for {len(reqs)} requests")
-                for (ep, _), res in zip(reqs, results):
-                    if len(res.token_ids) != len(res.logprobs):  # the engine's bug, not this episode's
-                        raise ValueError(f"engine returned {len(res.token_ids)} tokens but {len(res.logprobs)} log-probs")
-                    runner.guarded("turn", runner.add_turn, ep, res)
-                waiting = [ep for ep, _ in reqs if not ep.done]
-                outputs = list(workers.map(lambda ep: runner.guarded("tool", runner.run_tool, ep), waiting))
-                for ep, out in zip(waiting, outputs):
-                    ep.pending = None
-                    if out is not None and not ep.done:
-                        runner.guarded("observation", runner.add_observation, ep, *out)
-                runner.report(ep for ep, _ in reqs)
-                # A finished episode gives its sandbox back now, not at the end of the batch: a large
-                # batch would otherwise hold one live worker process per tool-using episode.
-                for ep, _ in reqs:
-                    if ep.done:
-                        _close_session(ep)
-                bar.update(sum(ep.done for ep in episodes) - bar.n)
+        if schedule == "async":
+            from .agent_loop import run_async  # the per-episode loops (it imports this module)
+
+            run_async(engine, runner, episodes, seeds, sampling, tools, tool_timeout_s, bar)
+        else:
+            _run_turn_sync(engine, runner, episodes, seeds, sampling, tools, tool_timeout_s, bar)
     finally:
         bar.close()
         for ep in episodes:
             _close_session(ep)
+        tools.close()
     return [ep.trajectory() for ep in episodes]
+
+
+class ToolPool:
+    """The threads tool calls run on (one run_episodes call's), and the calls abandoned past their deadline.
+
+    An abandoned call keeps its thread until the tool returns (Python cannot stop a thread); its episode has
+    ended, its session is closed (which ends a sandbox worker's call) and its late outcome is discarded -- a
+    Session it created on the way is closed then. `close()` waits for the threads unless an abandoned call is
+    still running: then it warns once, and the pool's threads end as their calls return."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rollout-tool")
+        self.abandoned: list[Future] = []
+
+    def submit(self, fn: Callable, *args) -> Future:
+        return self.executor.submit(fn, *args)
+
+    def abandon(self, ep: _Episode, call: ToolCall, fut: Future) -> None:
+        """Give up on `fut` (ep's `call`): close its session now (on a pool thread: a Session's close may wait for
+        the hung call), and again when the call returns (a session the call was still making then)."""
+        self.abandoned.append(fut)
+        ep.session = None
+        if call.session is not None:
+            self.executor.submit(_close_quietly, call.session)
+        fut.add_done_callback(lambda _: call.session is not None and _close_quietly(call.session))
+
+    def close(self) -> None:
+        running = [f for f in self.abandoned if not f.done()]
+        if running:
+            warnings.warn(f"{len(running)} tool call(s) still running past tool_timeout_s were abandoned; their "
+                          "threads end when the tools return", RuntimeWarning, stacklevel=3)
+        self.executor.shutdown(wait=not running)
+
+
+def _close_quietly(session: Any) -> None:
+    try:
+        session.close()
+    except Exception:  # noqa: BLE001 -- closing must not mask the real error
+        pass
+
+
+def _run_turn_sync(engine: Engine, runner: EpisodeRunner, episodes: list[_Episode], seeds: list[int],
+                   sampling: SamplingParams, tools: ToolPool, tool_timeout_s: float | None, bar) -> None:
+    """The turn-synchronous schedule: one batched generate over every live episode, then every tool call of the
+    turn, then the next turn. An engine error fails the whole call (engine.generate raises it)."""
+    limits = runner.limits
+    while True:
+        reqs = [(ep, ep.request(sampling, limits, seeds[i])) for i, ep in enumerate(episodes) if not ep.done]
+        reqs = [(ep, r) for ep, r in reqs if r is not None]
+        if not reqs:
+            break
+        results = engine.generate([r for _, r in reqs], sampling)
+        if len(results) != len(reqs):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(reqs)} requests")
+        for (ep, _), res in zip(reqs, results):
+            runner.apply_result(ep, res)
+        waiting = [ep for ep, _ in reqs if not ep.done]
+        started = time.monotonic()
+        calls = [ToolCall(ep.pending, ep.session, ep.input_images) for ep in waiting]
+        futures = [tools.submit(runner.call_tool, call) for call in calls]
+        for ep, call, fut in zip(waiting, calls, futures):
+            left = None if tool_timeout_s is None else max(0.0, started + tool_timeout_s - time.monotonic())
+            done, _ = wait([fut], timeout=left)
+            if not done:
+                runner.tool_overdue(ep, tool_timeout_s)
+                tools.abandon(ep, call, fut)
+                continue
+            out = runner.apply_tool(ep, call, fut.result())
+            if out is not None and not ep.done:
+                runner.guarded("observation", runner.add_observation, ep, *out)
+        runner.report(ep for ep, _ in reqs)
+        # A finished episode gives its sandbox back now, not at the end of the batch: a large
+        # batch would otherwise hold one live worker process per tool-using episode.
+        for ep, _ in reqs:
+            if ep.done:
+                _close_session(ep)
+        bar.update(sum(ep.done for ep in episodes) - bar.n)
 
 
 def _close_session(ep: _Episode) -> None:
     if ep.session is not None:
-        try:
-            ep.session.close()
-        except Exception:  # noqa: BLE001 -- closing must not mask the real error
-            pass
+        _close_quietly(ep.session)
         ep.session = None

@@ -88,6 +88,10 @@ class ExpertEngine:
             out.append(GenerateResult(ids, [0.0] * len(ids), "stop", matched_stop=None))
         return out
 
+    async def agenerate(self, request: GenerateRequest, sampling: SamplingParams) -> GenerateResult:
+        # the plan is drawn at an episode's first request; the async loop makes those in episode order too
+        return self.generate([request], sampling)[0]
+
     def update_weights(self, model) -> None: ...
     def stats(self) -> dict:
         return {}

@@ -83,6 +83,9 @@ class OracleEngine:
             out.append(GenerateResult(ids, [0.0] * len(ids), "eos", matched_stop=None))
         return out
 
+    async def agenerate(self, request, sampling):
+        return self.generate([request], sampling)[0]
+
     def update_weights(self, model): ...
 
     def stats(self):

@@ -11,7 +11,7 @@ from PIL import Image
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2_rollout.chat import mrope_position_ids, render_chat
 from deepeyesv2_rollout.engine import EmbeddedEngine, ScriptedEngine
-from deepeyesv2_rollout.episode import EpisodeLimits, run_episodes
+from deepeyesv2_rollout.episode import SCHEDULES, EpisodeLimits, run_episodes
 from deepeyesv2_rollout.types import Prompt
 from deepeyesv2_rollout.protocol import format_ok
 from deepeyesv2_rollout.qwen import embed_inputs
@@ -24,6 +24,12 @@ TURNS = [
     '<think>Now I search.</think><tool_call>{"name": "search", "arguments": {"query": "lighthouse built year"}}</tool_call>',
     "<think>The tower was built in 1889.</think><answer>1889</answer>",
 ]
+
+
+@pytest.fixture(params=SCHEDULES)
+def schedule(request):
+    """Every episode-loop test runs on both schedules."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,7 @@ def _teacher_forced_logprobs(model, traj, temperature: float) -> torch.Tensor:
     return out
 
 
-def test_scripted_three_turn_episode_token_by_token(tiny):
+def test_scripted_three_turn_episode_token_by_token(tiny, schedule):
     from deepeyesv2_rollout.tools import Session, default_registry
 
     model, proc = tiny
@@ -61,7 +67,8 @@ def test_scripted_three_turn_episode_token_by_token(tiny):
     engine = ScriptedEngine(inner, proc, lambda tag: TURNS[tag.turn])
     sampling = SamplingParams(temperature=0.7, max_new_tokens=200, seed=0)
     prompt = Prompt(id="p0", question="When was the lighthouse built?", images=[img], answer="1889", category="search")
-    trajs = run_episodes(engine, proc, registry, [prompt], group_size=2, sampling=sampling, progress=False)
+    trajs = run_episodes(engine, proc, registry, [prompt], group_size=2, sampling=sampling, progress=False,
+                         schedule=schedule)
     assert len(trajs) == 2
 
     # The expected trajectory, rebuilt independently: prompt, forced turns, and the tools' own outputs.
@@ -131,6 +138,9 @@ class FakeEngine:
             out.append(GenerateResult(ids, [-0.5] * len(ids), finish, None))
         return out
 
+    async def agenerate(self, request, sampling):
+        return self.generate([request], sampling)[0]
+
     def update_weights(self, model):
         pass
 
@@ -161,12 +171,12 @@ class FakeSession:
         FakeSession.closed += 1
 
 
-def _run(proc, script, tools=None, limits=None, group_size=1, session_factory=FakeSession, images=None):
+def _run(proc, schedule, script, tools=None, limits=None, group_size=1, session_factory=FakeSession, images=None):
     registry = ToolRegistry(tools if tools is not None else [FakeTool("code"), FakeTool("search"), FakeTool("image_search")])
     prompt = Prompt(id="q", question="What is it?", images=images if images is not None else [_image(1)], answer="x")
     engine = FakeEngine(proc, script)
     trajs = run_episodes(engine, proc, registry, [prompt], group_size, SamplingParams(), limits or EpisodeLimits(),
-                         progress=False, session_factory=session_factory)
+                         progress=False, session_factory=session_factory, schedule=schedule)
     return trajs, engine, registry
 
 
@@ -180,18 +190,18 @@ def _user_turns(proc, traj):
     return [t.split("<|im_end|>")[0] for t in text.split("<|im_start|>user\n")[2:]]
 
 
-def test_max_turns_stops_without_running_last_tool(tiny):
+def test_max_turns_stops_without_running_last_tool(tiny, schedule):
     _, proc = tiny
-    trajs, _, reg = _run(proc, lambda tag: CODE_TURN, limits=EpisodeLimits(max_turns=2))
+    trajs, _, reg = _run(proc, schedule, lambda tag: CODE_TURN, limits=EpisodeLimits(max_turns=2))
     t = trajs[0]
     assert t.stop_reason == "max_turns" and t.num_turns == 2 and len(t.tool_calls) == 1
     assert t.token_ids[-len(proc.encode(CODE_TURN)):] == proc.encode(CODE_TURN)  # ends on the policy's turn
 
 
-def test_malformed_tool_call_goes_back_as_error_then_answer(tiny):
+def test_malformed_tool_call_goes_back_as_error_then_answer(tiny, schedule):
     _, proc = tiny
     turns = ['<think>a</think><tool_call>{"name": "search", "arguments": {"query": }</tool_call>', ANSWER_TURN]
-    trajs, _, _ = _run(proc, lambda tag: turns[tag.turn])
+    trajs, _, _ = _run(proc, schedule, lambda tag: turns[tag.turn])
     t = trajs[0]
     assert t.stop_reason == "answer" and t.num_turns == 2 and t.tool_calls == []
     (feedback,) = _user_turns(proc, t)
@@ -199,30 +209,30 @@ def test_malformed_tool_call_goes_back_as_error_then_answer(tiny):
     assert not format_ok(t.turn_texts)
 
 
-def test_unknown_tool_error_reaches_policy(tiny):
+def test_unknown_tool_error_reaches_policy(tiny, schedule):
     _, proc = tiny
     turns = ['<think>a</think><tool_call>{"name": "calculator", "arguments": {"x": 1}}</tool_call>', ANSWER_TURN]
-    trajs, _, _ = _run(proc, lambda tag: turns[tag.turn])
+    trajs, _, _ = _run(proc, schedule, lambda tag: turns[tag.turn])
     t = trajs[0]
     assert [(c.name, c.status) for c in t.tool_calls] == [("calculator", "error")]
     assert "unknown tool 'calculator'" in _user_turns(proc, t)[0]
     assert t.stop_reason == "answer"
 
 
-def test_no_action_and_repeated_im_start(tiny):
+def test_no_action_and_repeated_im_start(tiny, schedule):
     _, proc = tiny
-    trajs, _, _ = _run(proc, lambda tag: ("<think>I am done thinking.</think><|im_end|>", "eos"))
+    trajs, _, _ = _run(proc, schedule, lambda tag: ("<think>I am done thinking.</think><|im_end|>", "eos"))
     assert trajs[0].stop_reason == "no_action" and trajs[0].num_turns == 1
     # a new <|im_start|> inside the turn (engine stops on it): nothing runs, the episode ends
-    trajs, _, reg = _run(proc, lambda tag: (CODE_TURN[:-7] + "<|im_start|>", "stop"))
+    trajs, _, reg = _run(proc, schedule, lambda tag: (CODE_TURN[:-7] + "<|im_start|>", "stop"))
     assert trajs[0].stop_reason == "invalid_token" and trajs[0].tool_calls == []
 
 
-def test_generation_past_tool_call_executes_first_call_only(tiny):
+def test_generation_past_tool_call_executes_first_call_only(tiny, schedule):
     _, proc = tiny
     search = FakeTool("search", text="<tool_response>real</tool_response>")
     turns = [(SEARCH_TURN + "<tool_response>hallucinated</tool_response><|im_end|>", "eos"), ANSWER_TURN]
-    trajs, _, _ = _run(proc, lambda tag: turns[tag.turn], tools=[FakeTool("code"), search, FakeTool("image_search")])
+    trajs, _, _ = _run(proc, schedule, lambda tag: turns[tag.turn], tools=[FakeTool("code"), search, FakeTool("image_search")])
     t = trajs[0]
     assert search.calls == [{"query": "q"}]
     assert _user_turns(proc, t)[0] == "<tool_response>real</tool_response>"
@@ -232,61 +242,61 @@ def test_generation_past_tool_call_executes_first_call_only(tiny):
     assert not format_ok(t.turn_texts)  # the hallucinated response is a format error
 
 
-def test_empty_and_bad_tool_images(tiny):
+def test_empty_and_bad_tool_images(tiny, schedule):
     _, proc = tiny
     tools = [FakeTool("code", "Code execution result:\nstdout:\n\nstderr:\n", images=[]),
              FakeTool("search"), FakeTool("image_search", "<tool_response>none</tool_response>", images=[None, "x"])]
     turns = [CODE_TURN, '<think>b</think><tool_call>{"name": "image_search"}</tool_call>', ANSWER_TURN]
-    trajs, _, _ = _run(proc, lambda tag: turns[tag.turn], tools=tools)
+    trajs, _, _ = _run(proc, schedule, lambda tag: turns[tag.turn], tools=tools)
     t = trajs[0]
     assert t.stop_reason == "answer" and len(t.images) == 1 and t.image_grid_thw.shape == (1, 3)
     assert t.token_ids.count(proc.vision_start_id) == 1
     mrope_position_ids(torch.tensor(t.token_ids), t.image_grid_thw, proc.image_pad_id, 2)  # consistent layout
 
 
-def test_tool_images_get_processor_pad_counts_and_max_images(tiny):
+def test_tool_images_get_processor_pad_counts_and_max_images(tiny, schedule):
     _, proc = tiny
     shown = [_image(3, (50, 90)), _image(4, (120, 40))]
     tools = [FakeTool("code", "Code execution result:\nstdout:\n\nstderr:\n", images=shown), FakeTool("search"), FakeTool("image_search")]
     turns = [CODE_TURN, ANSWER_TURN]
-    trajs, _, _ = _run(proc, lambda tag: turns[tag.turn], tools=tools)
+    trajs, _, _ = _run(proc, schedule, lambda tag: turns[tag.turn], tools=tools)
     t = trajs[0]
     vis = proc.image_inputs(shown)
     assert torch.equal(t.image_grid_thw[1:], vis.grid_thw)
     assert t.token_ids.count(proc.image_pad_id) == sum(proc.num_image_tokens(g) for g in t.image_grid_thw)
-    trajs, _, _ = _run(proc, lambda tag: turns[tag.turn], tools=tools, limits=EpisodeLimits(max_images=2))
+    trajs, _, _ = _run(proc, schedule, lambda tag: turns[tag.turn], tools=tools, limits=EpisodeLimits(max_images=2))
     assert trajs[0].stop_reason == "max_images" and len(trajs[0].images) == 1
 
 
-def test_token_limits_and_tool_output_truncation(tiny):
+def test_token_limits_and_tool_output_truncation(tiny, schedule):
     _, proc = tiny
     long_text = " ".join(["word"] * 500)
     tools = [FakeTool("code", long_text), FakeTool("search"), FakeTool("image_search")]
     turns = [CODE_TURN, ANSWER_TURN]
-    trajs, _, _ = _run(proc, lambda tag: turns[tag.turn], tools=tools, limits=EpisodeLimits(max_tool_output_tokens=10))
+    trajs, _, _ = _run(proc, schedule, lambda tag: turns[tag.turn], tools=tools, limits=EpisodeLimits(max_tool_output_tokens=10))
     obs = _user_turns(proc, trajs[0])[0]
     assert obs.endswith("...[output truncated]") and len(proc.encode(obs)) < 30
     prompt_len = trajs[0].prompt_len
-    trajs, engine, _ = _run(proc, lambda tag: turns[tag.turn], tools=tools, limits=EpisodeLimits(max_total_tokens=prompt_len + 10))
+    trajs, engine, _ = _run(proc, schedule, lambda tag: turns[tag.turn], tools=tools, limits=EpisodeLimits(max_total_tokens=prompt_len + 10))
     t = trajs[0]
     assert t.stop_reason == "max_tokens" and len(t) == prompt_len + 10 and engine.requests[0].max_new_tokens == 10
     assert sum(t.loss_mask) == 10
 
 
-def test_session_failure_group_ids_and_registry_check(tiny):
+def test_session_failure_group_ids_and_registry_check(tiny, schedule):
     _, proc = tiny
 
     def broken(images):
         raise RuntimeError("no sandbox")
 
     with pytest.warns(RuntimeWarning, match="ends with tool_error: tool: RuntimeError: no sandbox"):
-        trajs, _, _ = _run(proc, lambda tag: CODE_TURN, session_factory=broken, group_size=3)
+        trajs, _, _ = _run(proc, schedule, lambda tag: CODE_TURN, session_factory=broken, group_size=3)
     assert [t.stop_reason for t in trajs] == ["tool_error"] * 3
     assert [t.sample_index for t in trajs] == [0, 1, 2] and {t.group_id for t in trajs} == {0}
     assert "no sandbox" in trajs[0].tool_calls[0].error
     assert trajs[0].error.startswith("tool: RuntimeError: no sandbox (at test_episode.py:")
     FakeSession.closed = 0
-    trajs, _, _ = _run(proc, lambda tag: [CODE_TURN, ANSWER_TURN][tag.turn], group_size=2)
+    trajs, _, _ = _run(proc, schedule, lambda tag: [CODE_TURN, ANSWER_TURN][tag.turn], group_size=2)
     assert FakeSession.closed == 2  # one session per episode, closed at the end
     with pytest.raises(ValueError, match="image_search"):
-        _run(proc, lambda tag: ANSWER_TURN, tools=[FakeTool("code"), FakeTool("search")])
+        _run(proc, schedule, lambda tag: ANSWER_TURN, tools=[FakeTool("code"), FakeTool("search")])

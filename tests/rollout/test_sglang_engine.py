@@ -82,6 +82,10 @@ class FakeSGL:
                                        "output_token_logprobs": lps, "finish_reason": fin}})
         return outs
 
+    async def async_generate(self, input_ids, sampling_params, return_logprob=False, image_data=None):
+        """sgl.Engine.async_generate for one request (the async episode loop's path)."""
+        return self.generate([input_ids], [sampling_params], return_logprob, [image_data] if image_data else None)[0]
+
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
         self.calls.append(("update", [n for n, _ in named_tensors], flush_cache))
 

@@ -123,15 +123,18 @@ class HalfScripted:
     def __init__(self, engine, processor, answers: dict[str, str]):
         self.engine, self.processor, self.answers = engine, processor, answers
 
+    def _forced(self, r):
+        pid = r.tag.prompt_id
+        if r.tag.sample_index == 0 and int(pid.rsplit("-", 1)[1]) % 2 == 0:
+            ids = self.processor.encode(f"<think>count</think><answer>{self.answers[pid]}</answer>")
+            r = GenerateRequest(**{**r.__dict__, "forced_tokens": ids})
+        return r
+
     def generate(self, requests, sampling):
-        out = []
-        for r in requests:
-            pid = r.tag.prompt_id
-            if r.tag.sample_index == 0 and int(pid.rsplit("-", 1)[1]) % 2 == 0:
-                ids = self.processor.encode(f"<think>count</think><answer>{self.answers[pid]}</answer>")
-                r = GenerateRequest(**{**r.__dict__, "forced_tokens": ids})
-            out.append(r)
-        return self.engine.generate(out, sampling)
+        return self.engine.generate([self._forced(r) for r in requests], sampling)
+
+    async def agenerate(self, request, sampling):
+        return await self.engine.agenerate(self._forced(request), sampling)
 
     def update_weights(self, model):
         self.engine.update_weights(model)
