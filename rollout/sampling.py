@@ -73,14 +73,24 @@ class StopChecker:
 
 
 def sample_tokens(
-    logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator | None]
+    logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator | None],
+    draw_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (tokens [B] int64, logprobs [B] fp32 of log_softmax(logits / T) at the tokens)."""
+    """logits [B, V] -> (tokens [B] int64, logprobs [B] fp32 of log_softmax(logits / T) at the tokens).
+
+    Only ids < `draw_rows` (the tokenizer's size, when the lm head has padding rows past it) and not in
+    sampling.banned_token_ids are drawn; the log-probs are over all V rows, the trainer's quantity."""
     logits = logits.float()
     scaled = logits / sampling.logprob_temperature
     logp = torch.log_softmax(scaled, dim=-1)
+    if (draw_rows is not None and draw_rows < scaled.shape[-1]) or sampling.banned_token_ids:
+        scaled = scaled.clone()
+        if draw_rows is not None:
+            scaled[:, draw_rows:] = float("-inf")
+        if sampling.banned_token_ids:
+            scaled[:, list(sampling.banned_token_ids)] = float("-inf")
     if sampling.greedy:
-        tokens = logits.argmax(dim=-1)
+        tokens = scaled.argmax(dim=-1)
     else:
         filt = scaled.clone()
         if sampling.top_k > 0 and sampling.top_k < filt.shape[-1]:

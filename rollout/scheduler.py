@@ -475,7 +475,8 @@ class Scheduler:
             forced = [j for j in rows if seqs[j].req.forced_tokens is not None]
             picks: dict[int, tuple[int, float]] = {}
             if free:
-                tokens, logp = sample_tokens(logits[free], sampling, [seqs[j].gen for j in free])
+                tokens, logp = sample_tokens(logits[free], sampling, [seqs[j].gen for j in free],
+                                             draw_rows=len(self.processor.tokenizer))
                 picks.update({j: (int(t), float(lp)) for j, t, lp in zip(free, tokens.tolist(), logp.tolist())})
             if forced:
                 lp_all = torch.log_softmax(logits[forced].float() / sampling.logprob_temperature, dim=-1)

@@ -176,6 +176,8 @@ class SGLangEngine:
             spaces_between_special_tokens=False,
             no_stop_trim=True,
         )
+        if sampling.banned_token_ids:  # never drawn (SGLang adds the bias to the logits before sampling)
+            params["logit_bias"] = {str(int(t)): -1e9 for t in sampling.banned_token_ids}
         seed = r.seed if r.seed is not None else sampling.seed
         if seed is not None and not sampling.greedy:
             params["sampling_seed"] = int(seed) & 0x7FFF_FFFF

@@ -33,7 +33,9 @@ class SamplingParams:
 
     Log-probs returned with samples are log_softmax(logits / T) at the sampled token, fp32, over the full
     vocabulary (top-k/top-p only restrict what is drawn), with T = temperature (1.0 when greedy): exactly the
-    quantity the trainer recomputes, so the on-policy importance ratio is 1.
+    quantity the trainer recomputes, so the on-policy importance ratio is 1. `banned_token_ids` are never drawn
+    (their logits are masked for the draw only, like the lm head's padding rows past the tokenizer, which the
+    engines never draw either); log-probs still span every row, as the trainer's do.
     """
 
     temperature: float = 1.0
@@ -42,6 +44,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=lambda: list(DEFAULT_STOP))
     seed: int | None = None
+    banned_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -200,3 +200,44 @@ def test_scripted_engine_forces_script(tiny):
     outs = eng.generate([GenerateRequest(**{**req.__dict__, "tag": t}) for t in ("1", "2")], SamplingParams())
     assert [proc.decode(o.token_ids) for o in outs] == ["<think>1</think><answer>1</answer>", "<think>2</think><answer>2</answer>"]
     assert all(o.matched_stop == "</answer>" for o in outs)
+
+
+def test_sample_tokens_never_draws_padding_rows_or_banned_ids():
+    """Rows past the tokenizer (an lm head padded like real Qwen's) and banned ids are never drawn, greedy or
+    sampled; the log-prob is still over every row."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0, 9.0]]).repeat(300, 1)  # rows 4, 5: padding, most likely
+    gens = [torch.Generator().manual_seed(i) for i in range(300)]
+    full = torch.log_softmax(logits, -1)
+    tok, lp = sample_tokens(logits, SamplingParams(temperature=1.0), gens)
+    assert {4, 5} <= set(tok.tolist())  # without the limit the padding rows are drawn (the fault the limit handles)
+    tok, lp = sample_tokens(logits, SamplingParams(temperature=1.0, banned_token_ids=(3,)), gens, draw_rows=4)
+    assert set(tok.tolist()) == {0, 1, 2}
+    torch.testing.assert_close(lp, full.gather(-1, tok[:, None])[:, 0])
+    tok, lp = sample_tokens(logits, SamplingParams(temperature=0, banned_token_ids=(3,)), gens, draw_rows=4)
+    assert set(tok.tolist()) == {2}
+    torch.testing.assert_close(lp, full[:, 2])
+
+
+def test_engine_with_a_padded_lm_head_samples_only_tokenizer_ids(monkeypatch):
+    """A tiny model whose lm head has 200 rows past the tokenizer (as `wide` has 150,912 and real Qwen2.5-VL 271):
+    the embedded engine never samples them, and its log-probs are the full-width ones the trainer computes."""
+    import deepeyesv2.model as model_mod
+
+    monkeypatch.setitem(model_mod.PRESETS, "tiny-padded", {**model_mod.PRESETS["tiny"], "vocab_size": 1224})
+    model, proc = build_model(ModelConfig(name_or_path="tiny-padded"))
+    model.eval()
+    with torch.no_grad():  # make the padding rows the likeliest, so an unmasked draw would surely take them
+        model.lm_head.weight[len(proc.tokenizer):] = model.lm_head.weight[:200] * 3
+    assert model.lm_head.weight.shape[0] == len(proc.tokenizer) + 200
+    engine = EmbeddedEngine(model, proc)
+    try:
+        req = _request(proc, "Count the dots.", [])
+        sp = SamplingParams(temperature=1.0, max_new_tokens=48, stop=[], seed=3)
+        outs = engine.generate([GenerateRequest(req.token_ids, None, None, seed=s) for s in range(4)], sp)
+        new = [t for o in outs for t in o.token_ids]
+        assert new and max(new) < len(proc.tokenizer)
+        o = outs[0]
+        lp, _ = _full_logprobs(model, req, list(o.token_ids))
+        torch.testing.assert_close(torch.tensor(o.logprobs), lp, atol=1e-4, rtol=1e-4)
+    finally:
+        engine.shutdown()

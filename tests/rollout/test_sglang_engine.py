@@ -185,7 +185,9 @@ def test_output_mapping_and_stop_handling(tiny):
     p = params[0]
     assert p["top_k"] == -1 and p["temperature"] == 0.7 and p["no_stop_trim"] and not p["skip_special_tokens"]
     assert proc.im_end_id in p["stop_token_ids"] and p["stop"] == ["</code>", "</tool_call>", "</answer>"]
-    assert p["sampling_seed"] == 3
+    assert p["sampling_seed"] == 3 and "logit_bias" not in p
+    banned = SGLangEngine(None, proc, engine=CannedSGL(proc, outputs[:1]))._sampling_params(req, SamplingParams(banned_token_ids=(7, 9)))
+    assert banned["logit_bias"] == {"7": -1e9, "9": -1e9}  # banned ids are never drawn by SGLang either
     assert images[0][0]["format"] == "processor_output" and torch.equal(images[0][0]["image_grid_thw"], req.image_grid_thw)
     st = eng.stats()
     assert st["tokens_cached"] == 15 and st["tokens_prefilled"] == 5 * (len(req.token_ids) - 3)
