@@ -58,6 +58,7 @@ class Setup:
     model: str = "tiny"  # a deepeyesv2 preset or a local Qwen2.5-VL directory
     engine: str = "embedded"  # ours: embedded | sglang
     vllm: bool = False  # TRL: sample with vLLM (colocate)
+    fixed_length: bool = False  # every completion exactly `completion` tokens on both sides (no stop can be drawn)
 
 
 def resolve_backends(engine: str = "auto", vllm: str = "auto", cuda: bool | None = None) -> dict:
@@ -98,7 +99,20 @@ def device_name() -> str:
 
 FULL = Setup(prompts=4, group=8, completion=64, steps=4)
 QUICK = Setup(prompts=2, group=4, completion=32, steps=3)
+# The `wide` preset (real Qwen2.5-VL's 151,936-row lm head): G=8 completions of a fixed length, so both sides do
+# the same work; the length is what the issue's real-width comparison asks for (256-1,024 tokens).
+WIDE_FULL = Setup(prompts=1, group=8, completion=512, steps=2, model="wide", fixed_length=True)
+WIDE_QUICK = Setup(prompts=1, group=8, completion=256, steps=1, model="wide", fixed_length=True)
 MICRO = Setup(prompts=1, group=2, completion=8, steps=1)  # pytest-benchmark
+
+
+def never_drawn(proc, vocab_rows: int) -> tuple[list[int], list[int]]:
+    """(ids that would end or break a turn: eos, <|im_end|>, <|im_start|>, vision tokens; the lm head's padding
+    rows past the tokenizer) -- for a fixed-length run, neither side may draw any of them."""
+    from deepeyesv2_rollout.sampling import stop_token_sets
+
+    eos, special = stop_token_sets(proc)
+    return sorted(eos | set(special)), list(range(len(proc.tokenizer), vocab_rows))
 
 
 def text_reward(text: str) -> float:
@@ -152,6 +166,9 @@ def _ours_trainer(setup: Setup):
     prompts = task_prompts(setup)
     rollouts = make_rollouts(model, proc, cfg, progress=False)
     rollouts.required_tools = ()
+    if setup.fixed_length:  # no stop string, no stop token can be drawn: every completion is `completion` long
+        stops, _ = never_drawn(proc, model.lm_head.weight.shape[0])  # padding rows: never drawn by the engine
+        rollouts.sampling = replace(rollouts.sampling, stop=[], banned_token_ids=tuple(stops))
     order = ShuffledIterator(len(prompts))
     opt, sched = build_optimizer(model, cfg.optim, 1 + setup.steps)
     par = SingleProcess(model)
@@ -239,6 +256,14 @@ def _trl_trainer(setup: Setup, liger: bool):
         chat = load_processor(setup.model)
         model_dir, template = setup.model, chat.tokenizer.chat_template
     processor = _image_only_processor(chat.tokenizer, chat.image_processor, template)
+    if setup.fixed_length:  # the same ids ours never draws, and the lm head's padding rows past the tokenizer
+        from transformers import AutoConfig
+
+        rows = AutoConfig.from_pretrained(model_dir).text_config.vocab_size
+        stops, padding = never_drawn(chat, rows)
+        generation_kwargs = {"suppress_tokens": [chat.image_pad_id, *stops, *padding]}
+    else:
+        generation_kwargs = None
     prompts = task_prompts(setup)
     columns = {
         "prompt": [[{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
@@ -263,7 +288,7 @@ def _trl_trainer(setup: Setup, liger: bool):
     def reward(completions, **kwargs):
         return [text_reward(c[-1]["content"] if isinstance(c, list) else str(c)) for c in completions]
 
-    args = GRPOConfig(**trl_config_kwargs(setup, liger, cuda, tmp))
+    args = GRPOConfig(**trl_config_kwargs(setup, liger, cuda, tmp), generation_kwargs=generation_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, processing_class=processor,
@@ -378,7 +403,10 @@ def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...
          rounds: int = 3) -> list[dict]:
     """Run the variants alternately, `rounds` subprocesses each; rows ours vs trl and ours vs trl-liger (ratio = the
     median of the per-round ratios ours / peer). No warm-up process: each process discards its own first step."""
-    setup = QUICK if quick else FULL
+    if model == "wide":
+        setup = WIDE_QUICK if quick else WIDE_FULL
+    else:
+        setup = QUICK if quick else FULL
     if steps is not None:
         setup = replace(setup, steps=steps)
     backends = resolve_backends(engine, trl_vllm)
@@ -393,7 +421,7 @@ def rows(quick: bool = False, steps: int | None = None, variants: tuple[str, ...
     engines = (f"; ours samples with {'SGLang' if setup.engine == 'sglang' else 'the embedded engine'}, "
                f"TRL with {'vLLM (colocate)' if setup.vllm else 'HF generate'}")
     note = (f"{'tiny' if setup.model == 'tiny' else setup.model} Qwen2.5-VL, P={setup.prompts} prompts x G={setup.group}, "
-            f"1 turn <= {setup.completion} new tokens, 1 image {setup.image}px; {rounds} alternating processes per "
+            f"1 turn {'of exactly' if setup.fixed_length else '<='} {setup.completion} new tokens, 1 image {setup.image}px; {rounds} alternating processes per "
             f"variant, each the median of {setup.steps} steps after a warm-up{engines}")
     out = []
     for peer_name in [v for v in variants if v != "ours"]:
@@ -449,7 +477,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per process after its warm-up step")
     parser.add_argument("--rounds", type=int, default=3, help="alternating processes per variant (pairs per ratio)")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants (ours always runs)")
-    parser.add_argument("--model", default="tiny", help="'tiny' or a local Qwen2.5-VL directory")
+    parser.add_argument("--model", default="tiny", help="'tiny', 'wide' (151,936-row lm head, fixed-length G=8 "
+                        "completions) or a local Qwen2.5-VL directory")
     parser.add_argument("--engine", default="auto", choices=("auto", "embedded", "sglang"),
                         help="our rollout engine (auto: SGLang on CUDA when installed)")
     parser.add_argument("--trl-vllm", default="auto", choices=("auto", "on", "off"),
