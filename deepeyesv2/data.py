@@ -17,7 +17,7 @@ import base64
 import io
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deepeyesv2_rollout.chat import ChatFormatError, ChatProcessor, load_image, render_chat
+from deepeyesv2_rollout.chat import load_image, render_chat
+
+from deepeyesv2_rollout.qwen import ChatFormatError, ChatProcessor
 from deepeyesv2_rollout.types import Prompt
 
 from .packing import Sample

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from deepeyesv2_rollout.chat import ChatProcessor
-from deepeyesv2_rollout.qwen import embed_inputs
+from deepeyesv2_rollout.qwen import ChatProcessor, embed_inputs
 
 from .attention import impl_name, register_varlen_attention
 from .config import ModelConfig

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepeyesv2_rollout.chat import ChatFormatError, mrope_position_ids
+from deepeyesv2_rollout.qwen import ChatFormatError, mrope_position_ids
 
 IGNORE_INDEX = -100
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .chat import ChatProcessor
+from .qwen import ChatProcessor
 from .radix_cache import RadixCache
 from .sampling import StopChecker, request_generator, sample_tokens, stop_token_sets
 from .scheduler import Scheduler

@@ -41,7 +41,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .chat import ChatProcessor, fit_image, render_chat
+from .chat import render_chat
+
+from .qwen import ChatProcessor, fit_image
 from .engine import Engine, stop_token_sets
 from .protocol import Action, invalid_action_feedback, parse_action
 from .radix_cache import image_hashes

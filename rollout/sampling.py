@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .chat import ChatProcessor
+from .qwen import ChatProcessor
 from .types import SamplingParams
 
 

@@ -36,9 +36,8 @@ from typing import Any
 
 import torch
 
-from .chat import ChatProcessor, mrope_position_ids
+from .qwen import ChatProcessor, image_embeddings, mrope_position_ids
 from .kv_pool import KV, PrefillCache, SlotPool
-from .qwen import image_embeddings
 from .radix_cache import RadixCache, cache_key, image_hashes
 from .sampling import StopChecker, request_generator, sample_tokens
 from .types import BatchingConfig, GenerateRequest, GenerateResult, SamplingParams

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .chat import ChatProcessor
+from .qwen import ChatProcessor
 from .sampling import StopChecker, stop_token_sets
 from .types import GenerateRequest, GenerateResult, SamplingParams
 

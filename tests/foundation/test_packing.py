@@ -8,7 +8,8 @@ from PIL import Image
 from deepeyesv2.policy_logprobs import packed_logprobs
 from deepeyesv2.model import build_model, packed_hidden
 from deepeyesv2.packing import IGNORE_INDEX, PackingError, Sample, first_fit_decreasing, pack, pack_by_budget
-from deepeyesv2_rollout.chat import ChatFormatError, mrope_position_ids, render_chat
+from deepeyesv2_rollout.chat import render_chat
+from deepeyesv2_rollout.qwen import ChatFormatError, mrope_position_ids
 
 
 @pytest.fixture(scope="module")

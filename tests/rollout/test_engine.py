@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from deepeyesv2.model import ModelConfig, build_model
-from deepeyesv2_rollout.chat import mrope_position_ids, render_chat
+from deepeyesv2_rollout.chat import render_chat
+from deepeyesv2_rollout.qwen import embed_inputs, mrope_position_ids
 from deepeyesv2_rollout.engine import EmbeddedEngine, Engine, ScriptedEngine, sample_tokens
-from deepeyesv2_rollout.qwen import embed_inputs
 from deepeyesv2_rollout.types import GenerateRequest, SamplingParams
 
 

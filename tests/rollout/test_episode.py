@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from deepeyesv2.model import ModelConfig, build_model
-from deepeyesv2_rollout.chat import mrope_position_ids, render_chat
+from deepeyesv2_rollout.chat import render_chat
+from deepeyesv2_rollout.qwen import embed_inputs, mrope_position_ids
 from deepeyesv2_rollout.engine import EmbeddedEngine, ScriptedEngine
 from deepeyesv2_rollout.episode import SCHEDULES, EpisodeLimits, run_episodes
 from deepeyesv2_rollout.types import Prompt
 from deepeyesv2_rollout.protocol import format_ok
-from deepeyesv2_rollout.qwen import embed_inputs
 from deepeyesv2_rollout.tools.base import ToolRegistry, ToolResult
 from deepeyesv2_rollout.types import GenerateResult, SamplingParams
 

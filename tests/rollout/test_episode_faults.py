@@ -21,7 +21,7 @@ from PIL import Image
 
 import deepeyesv2_rollout.episode as episode_mod
 from deepeyesv2.model import ModelConfig, build_model
-from deepeyesv2_rollout.chat import mrope_position_ids
+from deepeyesv2_rollout.qwen import mrope_position_ids
 from deepeyesv2_rollout.episode import SCHEDULES, EpisodeLimits, run_episodes
 from deepeyesv2_rollout.types import Prompt
 from deepeyesv2_rollout.tools.base import ToolRegistry, ToolResult
@@ -162,7 +162,7 @@ def test_undecodable_filename_from_the_real_sandbox(proc, schedule):
 
 
 def test_sanitize_text_keeps_valid_text_and_pairs():
-    from deepeyesv2_rollout.chat import sanitize_text
+    from deepeyesv2_rollout.qwen import sanitize_text
 
     plain = "naïve 東京 😀 \x00\t\n"
     assert sanitize_text(plain) is plain
@@ -235,7 +235,7 @@ def test_extreme_and_empty_images_never_reach_the_processor_raw(proc, schedule):
 def test_every_fitted_size_is_accepted_by_the_processor(proc):
     """Sizes from empty to 16.7 M pixels, ratios from 1 to 20000: the processor never raises on fit_image's
     output (an unfitted 201x1 already does)."""
-    from deepeyesv2_rollout.chat import fit_image
+    from deepeyesv2_rollout.qwen import fit_image
 
     with pytest.raises(ValueError, match="aspect ratio"):
         proc.image_inputs([Image.new("RGB", (201, 1))])
@@ -254,7 +254,7 @@ def test_every_fitted_size_is_accepted_by_the_processor(proc):
 
 
 def test_ordinary_images_pass_unchanged(proc):
-    from deepeyesv2_rollout.chat import fit_image
+    from deepeyesv2_rollout.qwen import fit_image
 
     for im in [_image(3, (50, 90)), _image(4, (120, 40)), Image.new("RGB", (400, 2)), Image.new("RGB", (4096, 4096))]:
         out, note = fit_image(im)

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from deepeyesv2.model import ModelConfig, build_model
-from deepeyesv2_rollout.chat import mrope_position_ids, render_chat
+from deepeyesv2_rollout.chat import render_chat
+from deepeyesv2_rollout.qwen import embed_inputs, mrope_position_ids
 from deepeyesv2_rollout.engine import EmbeddedEngine
 from deepeyesv2_rollout.episode import EpisodeLimits, run_episodes
 from deepeyesv2_rollout.types import Prompt
-from deepeyesv2_rollout.qwen import embed_inputs
 from deepeyesv2_rollout.sglang_engine import SGLangEngine, hf_to_checkpoint_name
 from deepeyesv2_rollout.tools.base import ToolRegistry, ToolResult
 from deepeyesv2_rollout.types import GenerateRequest, SamplingParams

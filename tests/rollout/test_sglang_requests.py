@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deepeyesv2_rollout.chat import ChatProcessor
+from deepeyesv2_rollout.qwen import ChatProcessor
 from deepeyesv2_rollout.engine import Engine
 from deepeyesv2_rollout.sglang_engine import SGLangEngine
 from deepeyesv2_rollout.types import GenerateRequest, SamplingParams

@@ -18,7 +18,8 @@ from deepeyesv2.data import DataState
 from deepeyesv2.model import ModelConfig, build_model, packed_hidden
 from deepeyesv2.optim import build_optimizer
 from deepeyesv2.packing import Sample, pack
-from deepeyesv2_rollout.chat import ChatProcessor, render_chat
+from deepeyesv2_rollout.chat import render_chat
+from deepeyesv2_rollout.qwen import ChatProcessor
 
 
 def trained(model, opt, sched, steps: int = 2) -> None:
