@@ -43,6 +43,11 @@ from .sampling import StopChecker, request_generator, sample_tokens
 from .types import BatchingConfig, GenerateRequest, GenerateResult, SamplingParams
 
 
+# A context waits for another being prefilled when they share at least this many uncached tokens (one step of
+# delay for it, against recomputing them).
+SHARED_PREFIX_WAIT = 32
+
+
 class Sequence:
     """One request in flight: its validated inputs and its decoding state."""
 
@@ -253,9 +258,20 @@ class Scheduler:
             for seq in job.seqs:
                 self._fail(seq, exc)
 
-    def _start(self, job: _Prefill) -> None:
-        # At least one token is always recomputed: its logits start the turn.
-        m, kv = self.cache.match(job.key[: job.length - 1])
+    @staticmethod
+    def _waits_for_shared_prefix(job: _Prefill, m: int, started: list[_Prefill]) -> bool:
+        """Whether a job should start later: it shares at least SHARED_PREFIX_WAIT not yet cached tokens with a
+        context being prefilled now (e.g. the system prompt of different prompts), which the radix cache will
+        hold once that prefill completes. The old engine prefilled requests one after another, so later ones
+        always found such prefixes cached; prefilling them side by side would compute them again."""
+        end = m + SHARED_PREFIX_WAIT
+        if job.length - 1 < end:
+            return False
+        probe = job.key[m:end]
+        return any(other.length >= end and other.key[m:end] == probe and other.key[:m] == job.key[:m] for other in started)
+
+    def _start(self, job: _Prefill, m: int, kv: KV | None) -> None:
+        """Begin a job's prefill after its radix match (m tokens, their K/V)."""
         job.cached = job.done = m
         job.kv = kv
         job.embeds = self._embed(job.ids, m, job.req)
@@ -264,15 +280,21 @@ class Scheduler:
     def _prefill_step(self) -> None:
         budget = self.config.prefill_tokens_per_step
         rows: list[tuple[_Prefill, int]] = []
+        started = [job for job in self.prefills if job.started]
         for job in list(self.prefills):
             if budget == 0:
                 break
             if not job.started:
                 try:
-                    self._start(job)
+                    # At least one token is always recomputed: its logits start the turn.
+                    m, kv = self.cache.match(job.key[: job.length - 1])
+                    if self._waits_for_shared_prefix(job, m, started):
+                        continue
+                    self._start(job, m, kv)
                 except Exception as e:  # noqa: BLE001 -- this request's inputs (e.g. its images) are bad
                     self._drop(job, e)
                     continue
+                started.append(job)
             q = min(job.length - job.done, budget)
             rows.append((job, q))
             budget -= q

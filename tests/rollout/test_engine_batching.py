@@ -155,6 +155,26 @@ def test_group_samples_share_one_prefill(tiny, engines):
     _same([first.result(), late.result()], _as_ref(alone[:2]))
 
 
+def test_contexts_sharing_a_prefix_prefill_it_once(tiny, engines):
+    """Different prompts with one system prompt, arriving together: the first is prefilled, the others wait one
+    step and start from its cached prefix (as the old one-by-one prefill did), instead of all computing it."""
+    _, proc = tiny
+    system = "You are a careful visual assistant. Think step by step, use tools when needed. " * 3
+    prompts = [render_chat(proc, [{"role": "system", "content": system}, {"role": "user", "content": f"<image>question {p}?"}],
+                           [_image(p)], add_generation_prompt=True) for p in range(4)]
+    reqs = [GenerateRequest(r.token_ids, r.pixel_values, r.image_grid_thw) for r in prompts for _ in range(2)]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=4, stop=[], seed=1)
+    eng = engines()
+    outs = eng.generate(reqs, sp)
+    ids = [r.token_ids for r in prompts]
+    shared = ids[0].index(proc.image_pad_id)  # the images differ: what precedes the first one is common
+    assert all(x[:shared] == ids[0][:shared] for x in ids) and shared > 2 * 32
+    st = eng.stats()
+    assert st["tokens_prefilled"] == len(ids[0]) + sum(len(x) - shared for x in ids[1:])
+    assert [o.cached_tokens for o in outs[::2]] == [0, shared, shared, shared]
+    _same(outs, _as_ref(engines(cache_tokens_budget=0).generate(reqs, sp)))
+
+
 def test_chunked_prefill_keeps_decoding(tiny, engines):
     _, proc = tiny
     short = GenerateRequest(proc.encode("hi"), forced_tokens=proc.encode(" ".join(["a"] * 40)))
