@@ -32,6 +32,7 @@ LORA_ATTN_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})  # deepe
 LORA_MLP_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
 REWARD_NAMES = ("deepeyesv2", "deepeyes_v1")  # deepeyesv2.rewards.REWARD_FNS' keys
 ROLLOUT_SCHEDULES = ("async", "turn_sync")  # deepeyesv2_rollout.episode.SCHEDULES
+REPORTERS = ("jsonl", "tensorboard", "wandb")  # deepeyesv2.metrics.MetricsLogger
 
 
 @dataclass
@@ -86,6 +87,9 @@ class TrainConfig:
     resume: bool = False  # continue from the newest checkpoint in out_dir that verifies
     overwrite: bool = False  # clear a finished run's metrics and checkpoints in out_dir and start over
     progress: bool = True
+    # where metrics go: jsonl (out_dir/metrics.jsonl, always written), tensorboard, wandb (WANDB_MODE=offline: no
+    # network); a listed logger that is not installed is an error
+    report_to: tuple[str, ...] = ("jsonl",)
     autocast: str = "auto"  # auto = bf16 autocast on CUDA for fp32 weights | bf16 | off (deepeyesv2.precision)
     tf32: bool = True  # on CUDA: fp32 matmuls (lm-head kernels, engine logits) on tf32 tensor cores
     logprob_tokens_budget: int = 0  # no-grad log-prob passes (old / reference) take <= this many tokens at once; 0 = a whole row
@@ -243,6 +247,10 @@ def _lora_targets_ok(v: Any) -> bool:
     return isinstance(v, (list, tuple)) and len(v) > 0 and all(t in LORA_ATTN_TARGETS | LORA_MLP_TARGETS for t in v)
 
 
+def _reporters_ok(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(r in REPORTERS for r in v)
+
+
 def _betas_ok(v: Any) -> bool:
     return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)
 
@@ -286,6 +294,7 @@ def constraints() -> dict[str, Check]:
         "train.resume": BOOL,
         "train.overwrite": BOOL,
         "train.progress": BOOL,
+        "train.report_to": Check(_reporters_ok, "a list of " + ", ".join(repr(r) for r in REPORTERS)),
         "train.autocast": one_of("auto", "bf16", "off"),
         "train.tf32": BOOL,
         "train.logprob_tokens_budget": integer(0),

@@ -34,10 +34,11 @@ from deepeyesv2_rollout.types import Prompt, Trajectory, logprob_temperature
 
 from . import parallel
 from .checkpoint import prepare_run_dir, say
-from .config import Config, validate
+from .config import Config, to_dict, validate
 from .data import DataState, ShuffledIterator, load_prompts
 from .lora import is_lora
-from .metrics import MetricsLogger, peak_memory_bytes
+from .metrics import (MetricsLogger, UpdateCounter, check_reporters, console, no_update_cause, peak_memory_bytes,
+                      quiet_hf_progress, step_line)
 from .model import build_model, packed_hidden, unwrap_model
 from .optim import build_optimizer, extend_schedule
 from .packing import PackedBatch, Sample, pack_by_budget
@@ -55,6 +56,10 @@ from .scoring import append_jsonl, completion_records, truncate_jsonl_after
 class ScoredGroup:
     trajectories: list[Trajectory]
     rewards: list[RewardResult]
+
+    def rewards_equal(self) -> bool:
+        """All the group's rewards are equal: every advantage is 0, the group teaches nothing."""
+        return max(r.total for r in self.rewards) - min(r.total for r in self.rewards) < 1e-9
 
 
 def score_trajectories(trajs: list[Trajectory], processor, reward_fn, cfg: Config) -> list[RewardResult]:
@@ -259,6 +264,12 @@ def update_policy(par: parallel.Parallel, opt, sched, rows: list[PackedBatch], r
     return out
 
 
+# what a step line (progress off) shows
+STEP_KEYS = ("reward", "loss", "grad_norm", "lr", "groups_sampled", "groups_dropped", "zero_advantage_groups",
+             "tool_call_rate", "response_length", "rollout_s", "train_s")
+
+
+@quiet_hf_progress()  # transformers' loading / shard-writing bars would tangle with the step bar
 def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, processor=None,
              rollouts: Rollouts | None = None, reward_fn=None, progress: bool | None = None) -> dict:
     """The RL loop. Under torchrun with > 1 ranks the policy is sharded with FSDP2 (deepeyesv2.parallel.setup):
@@ -266,6 +277,7 @@ def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, proce
     itself, or SGLang is pushed the gathered tensors) and reshards them for the update; each rank rolls out its
     share of the step's prompts and trains on its own episodes."""
     validate(cfg)  # every field's range, before anything is built
+    check_reporters(cfg.train.report_to)  # a requested logger that is not installed fails now, not at step 1
     # refuses a finished run's directory without resume/overwrite; picks the newest checkpoint that verifies
     resume_from = prepare_run_dir(cfg.train.out_dir, cfg.train.resume, cfg.train.overwrite)
     judge = make_judge(cfg.judge) if reward_fn is None else None  # a caller's reward_fn brings its own judge
@@ -296,10 +308,10 @@ def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, proce
     updates_per_step = cfg.rl.ppo_epochs * cfg.rl.mini_batches  # the schedule counts optimizer steps
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps * updates_per_step, par.world_size)
     out = Path(cfg.train.out_dir)
-    logger = MetricsLogger(out)
-    step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)
+    logger = MetricsLogger(out, cfg.train.report_to, run_config=to_dict(cfg))
+    step, state, extra = 0, DataState(epoch=0, position=0, seed=cfg.train.seed), {}
     if (ckpt := resume_from) is not None:
-        step, state, _ = par.load_checkpoint(ckpt, opt, sched)
+        step, state, extra = par.load_checkpoint(ckpt, opt, sched)
         if (note := extend_schedule(sched, cfg.train.steps * updates_per_step)) and main:
             say(note)
     if main:
@@ -308,6 +320,8 @@ def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, proce
     order = ShuffledIterator(len(prompts), state)
     bar = tqdm(total=cfg.train.steps, initial=step, desc="rl", disable=not show, dynamic_ncols=True)
     last: dict = {}
+    updates = UpdateCounter(extra.get("steps_without_update", 0))
+    t_run, first_step = time.perf_counter(), step
     try:
         while step < cfg.train.steps:
             t0 = time.perf_counter()
@@ -341,6 +355,12 @@ def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, proce
                     "tokens_per_s": all_sum(sum(r.num_tokens for r in rows)) / max(t_train, 1e-9),
                     "generated_tokens_per_s": trained / max(t_roll, 1e-9),
                     "peak_memory_gb": peak_memory_bytes() / 2**30, **engine}
+            # groups kept with all-equal rewards (dynamic sampling keeps them after its last refill round)
+            last["zero_advantage_groups"] = int(all_sum(sum(g.rewards_equal() for g in groups)))
+            cause = no_update_cause(last, all_groups_equal=last["zero_advantage_groups"] == all_sum(len(groups)))
+            if (warning := updates.observe(cause)) and main:
+                console(warning, bar)
+            last["steps_without_update"] = updates.steps_without_update
             if judge is not None:  # summed over ranks; every rank scores its own episodes
                 last.update({k: int(all_sum(v)) for k, v in judge.take_stats().items()})
             if cfg.rl.log_completions and main:  # this rank's episodes (under torchrun: rank 0's share)
@@ -349,13 +369,23 @@ def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, proce
                     processor, cfg.rl.log_completions, cfg.train.seed))
             if (step % cfg.train.log_every == 0 or step == cfg.train.steps) and main:
                 logger.log(last)
+                if bar.disable:
+                    console(step_line("rl", last, cfg.train.steps, STEP_KEYS, cause))
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", tools=f"{last['tool_call_rate']:.2f}")
             if step % cfg.train.save_every == 0 or step == cfg.train.steps:
-                par.save_checkpoint(out, step, processor, opt, sched, order.state, {"stage": "rl"})
+                saved = par.save_checkpoint(out, step, processor, opt, sched, order.state,
+                                            {"stage": "rl", "steps_without_update": updates.steps_without_update})
+                if main:
+                    console(f"deepeyesv2: saved checkpoint to {saved}", bar)
         if last:
             with par.full_weights():  # leave the engine on the final weights (a caller may keep sampling)
                 rollouts.engine.update_weights(rollout_model)
+        if main:
+            bar.close()  # the summary goes below the finished bar
+            final = f"final reward {last['reward']:.4g}, " if last else ""
+            console(f"rl done: step {step}/{cfg.train.steps} ({step - first_step} this run, "
+                    f"{time.perf_counter() - t_run:.1f} s), {final}{updates.summary()}; metrics in {logger.path}")
     finally:
         bar.close()
         logger.close()

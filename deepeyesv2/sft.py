@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from . import parallel
 from .checkpoint import prepare_run_dir, say
-from .config import Config, validate
+from .config import Config, to_dict, validate
 from .data import DataState, load_jsonl, sft_samples
-from .metrics import MetricsLogger, peak_memory_bytes
+from .metrics import (MetricsLogger, UpdateCounter, check_reporters, console, no_update_cause, peak_memory_bytes,
+                      quiet_hf_progress, step_line)
 from .model import build_model
 from .optim import build_optimizer, extend_schedule
 from .packing import PackedBatch, Sample, pack_by_budget
@@ -59,8 +60,13 @@ def sft_step(par: parallel.Parallel, rows: list[PackedBatch], autocast=nullconte
     return parallel.all_sum(total), n_tok
 
 
+STEP_KEYS = ("loss", "grad_norm", "lr", "trained_tokens", "tokens_per_s", "peak_memory_gb")  # what a step line (progress off) shows
+
+
+@quiet_hf_progress()  # transformers' loading / shard-writing bars would tangle with the step bar
 def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, processor=None, progress: bool | None = None) -> dict:
     validate(cfg)  # every field's range, before anything is built
+    check_reporters(cfg.train.report_to)  # a requested logger that is not installed fails now, not at step 1
     # refuses a finished run's directory without resume/overwrite; picks the newest checkpoint that verifies
     resume_from = prepare_run_dir(cfg.train.out_dir, cfg.train.resume, cfg.train.overwrite)
     torch.manual_seed(cfg.train.seed)
@@ -83,10 +89,10 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
     autocast = amp(cfg.train.autocast, model)
     set_matmul_precision(cfg.train.tf32, next(model.parameters()).device)
     out = Path(cfg.train.out_dir)
-    logger = MetricsLogger(out)
-    step, state = 0, DataState(epoch=0, position=0, seed=cfg.train.seed)
+    logger = MetricsLogger(out, cfg.train.report_to, run_config=to_dict(cfg))
+    step, state, extra = 0, DataState(epoch=0, position=0, seed=cfg.train.seed), {}
     if (ckpt := resume_from) is not None:
-        step, state, _ = par.load_checkpoint(ckpt, opt, sched)
+        step, state, extra = par.load_checkpoint(ckpt, opt, sched)
         if (note := extend_schedule(sched, total_steps)) and par.is_main:
             say(note)
     if par.is_main:
@@ -96,6 +102,8 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
     show = cfg.train.progress if progress is None else progress
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not show or not par.is_main, dynamic_ncols=True)
     last: dict = {}
+    updates = UpdateCounter(extra.get("steps_without_update", 0))
+    t_run, first_step = time.perf_counter(), step
     while step < total_steps:
         if state.position + rows_per_step > len(rows):
             state = DataState(epoch=state.epoch + 1, position=0, seed=state.seed)
@@ -114,12 +122,25 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
             "tokens_per_s": sum(r.num_tokens for r in batch) / dt, "epoch": state.epoch,
             "peak_memory_gb": peak_memory_bytes() / 2**30,
         }
+        cause = no_update_cause(last)
+        if (warning := updates.observe(cause)) and par.is_main:
+            console(warning, bar)
+        last["steps_without_update"] = updates.steps_without_update
         if (step % cfg.train.log_every == 0 or step == total_steps) and par.is_main:
             logger.log(last)
+            if bar.disable:
+                console(step_line("sft", last, total_steps, STEP_KEYS, cause))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % cfg.train.save_every == 0 or step == total_steps:
-            par.save_checkpoint(out, step, processor, opt, sched, state, {"stage": "sft"})
+            saved = par.save_checkpoint(out, step, processor, opt, sched, state,
+                                        {"stage": "sft", "steps_without_update": updates.steps_without_update})
+            if par.is_main:
+                console(f"deepeyesv2: saved checkpoint to {saved}", bar)
     bar.close()
     logger.close()
+    if par.is_main:
+        final = f"final loss {last['loss']:.4g}, " if last else ""
+        console(f"sft done: step {step}/{total_steps} ({step - first_step} this run, "
+                f"{time.perf_counter() - t_run:.1f} s), {final}{updates.summary()}; metrics in {logger.path}")
     return last

@@ -198,11 +198,17 @@ def apply(trainer):
     Patches the trainer's policy model (the PEFT base model if wrapped) and its reference model, per instance;
     honours ``trainer.temperature``, ``args.cast_lm_head_to_fp32`` and the entropy bonus (entropy gradient only
     when ``entropy_coef`` / adaptive entropy is on). Returns the trainer. Call it after ``GRPOTrainer(...)`` and
-    before ``train()``. Raises RuntimeError on an untested TRL/transformers major version or when TRL's log-prob
-    path is not the one this was written against; ValueError for models whose logits are scaled/capped, MoE aux
-    losses, and DeepSpeed ZeRO-3 (the head would be gathered in the forward only).
+    before ``train()``. Raises TypeError when `trainer` is not a `GRPOTrainer`; RuntimeError on an untested
+    TRL/transformers major version or when TRL's log-prob path is not the one this was written against;
+    ValueError for models whose logits are scaled/capped, MoE aux losses, and DeepSpeed ZeRO-3 (the head would be
+    gathered in the forward only).
     """
     check_versions()
+    from trl import GRPOTrainer
+
+    if not isinstance(trainer, GRPOTrainer):
+        raise TypeError(f"apply() takes a constructed trl.GRPOTrainer; got {type(trainer).__module__}."
+                        f"{type(trainer).__qualname__}, which is not a GRPOTrainer")
     method = getattr(type(trainer), TARGET_METHOD, None)
     if method is None:
         raise RuntimeError(f"{type(trainer).__name__} has no {TARGET_METHOD}: TRL changed how GRPOTrainer computes "

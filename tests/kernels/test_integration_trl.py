@@ -206,19 +206,25 @@ def test_version_guard():
     integ.check_versions("1.16.0", "5.24.1")  # tested versions: silent
 
 
+def test_apply_refuses_what_is_not_a_grpo_trainer():
+    with pytest.raises(TypeError, match="builtins.object, which is not a GRPOTrainer"):
+        integ.apply(object())
+
+
 def test_missing_or_changed_target_method_fails_loudly():
-    class NoMethod:
-        pass
+    # GRPOTrainer subclasses (a future TRL), made without __init__: only the class's method is inspected.
+    class NoMethod(GRPOTrainer):
+        _get_per_token_logps_and_entropies = None
 
     with pytest.raises(RuntimeError, match="_get_per_token_logps_and_entropies"):
-        integ.apply(NoMethod())
+        integ.apply(NoMethod.__new__(NoMethod))
 
-    class OtherSeam:
+    class OtherSeam(GRPOTrainer):
         def _get_per_token_logps_and_entropies(self, model, input_ids):
             return model(input_ids=input_ids).logits
 
     with pytest.raises(RuntimeError, match="fused_lm_head=True"):
-        integ.apply(OtherSeam())
+        integ.apply(OtherSeam.__new__(OtherSeam))
 
 
 def test_model_without_trl_fused_head_is_refused(tokenizer):
