@@ -28,11 +28,11 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, EngineShutdown
-from .episode import ToolCall
+from .tool_pool import ToolCall, ToolPool, close_quietly
 from .types import SamplingParams
 
-if TYPE_CHECKING:
-    from .episode import EpisodeRunner, ToolPool, _Episode
+if TYPE_CHECKING:  # episode.py imports this module
+    from .episode import EpisodeRunner, _Episode
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
@@ -111,12 +111,5 @@ async def _episode(engine: Engine, runner: EpisodeRunner, ep: _Episode, seed: in
     # A finished episode gives its sandbox back now (a large batch would otherwise hold one worker per episode).
     session, ep.session = ep.session, None
     if session is not None:
-        await loop.run_in_executor(tools.executor, _close, session)
+        await loop.run_in_executor(tools.executor, close_quietly, session)
     bar.update(1)
-
-
-def _close(session: Any) -> None:
-    try:
-        session.close()
-    except Exception:  # noqa: BLE001 -- closing must not mask the real error
-        pass

@@ -34,8 +34,8 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import wait
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,9 +44,11 @@ from PIL import Image
 from .chat import render_chat
 
 from .qwen import ChatProcessor, fit_image
+from .agent_loop import run_async
 from .engine import Engine, stop_token_sets
 from .protocol import Action, invalid_action_feedback, parse_action
 from .radix_cache import image_hashes
+from .tool_pool import ToolCall, ToolOutcome, ToolPool, close_quietly
 from .types import GenerateRequest, GenerateResult, Prompt, SamplingParams, ToolCallRecord, Trajectory
 
 PROTOCOL_TOOLS = ("code", "search", "image_search")
@@ -81,25 +83,6 @@ class RequestTag:
     prompt_index: int
     sample_index: int
     turn: int
-
-
-class ToolCall:
-    """One episode's tool call in flight: its action and the Session it runs in (made by the call when the
-    episode has none yet -- the loop reads it from here, also when it abandons the call)."""
-
-    def __init__(self, action: Action, session: Any, input_images: list[Image.Image]):
-        self.action, self.session, self.input_images = action, session, input_images
-
-
-@dataclass
-class ToolOutcome:
-    """One tool call's outcome, made on a tool-pool thread: its record, the observation's text and images, and
-    the exception that ends the episode (else None)."""
-
-    record: ToolCallRecord | None  # None: no call was made (a malformed action's feedback)
-    text: str = ""
-    images: list[Image.Image] = field(default_factory=list)
-    error: BaseException | None = None
 
 
 class _Episode:
@@ -423,8 +406,6 @@ def run_episodes(
     seeds = [seed_index_offset + i for i in range(len(episodes))]
     try:
         if schedule == "async":
-            from .agent_loop import run_async  # the per-episode loops (it imports this module)
-
             run_async(engine, runner, episodes, seeds, sampling, tools, tool_timeout_s, bar)
         else:
             _run_turn_sync(engine, runner, episodes, seeds, sampling, tools, tool_timeout_s, bar)
@@ -434,46 +415,6 @@ def run_episodes(
             _close_session(ep)
         tools.close()
     return [ep.trajectory() for ep in episodes]
-
-
-class ToolPool:
-    """The threads tool calls run on (one run_episodes call's), and the calls abandoned past their deadline.
-
-    An abandoned call keeps its thread until the tool returns (Python cannot stop a thread); its episode has
-    ended, its session is closed (which ends a sandbox worker's call) and its late outcome is discarded -- a
-    Session it created on the way is closed then. `close()` waits for the threads unless an abandoned call is
-    still running: then it warns once, and the pool's threads end as their calls return."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rollout-tool")
-        self.abandoned: list[Future] = []
-
-    def submit(self, fn: Callable, *args) -> Future:
-        return self.executor.submit(fn, *args)
-
-    def abandon(self, ep: _Episode, call: ToolCall, fut: Future) -> None:
-        """Give up on `fut` (ep's `call`): close its session now (on a pool thread: a Session's close may wait for
-        the hung call), and again when the call returns (a session the call was still making then)."""
-        self.abandoned.append(fut)
-        ep.session = None
-        if call.session is not None:
-            self.executor.submit(_close_quietly, call.session)
-        fut.add_done_callback(lambda _: call.session is not None and _close_quietly(call.session))
-
-    def close(self) -> None:
-        running = [f for f in self.abandoned if not f.done()]
-        if running:
-            warnings.warn(f"{len(running)} tool call(s) still running past tool_timeout_s were abandoned; their "
-                          "threads end when the tools return", RuntimeWarning, stacklevel=3)
-        self.executor.shutdown(wait=not running)
-
-
-def _close_quietly(session: Any) -> None:
-    try:
-        session.close()
-    except Exception:  # noqa: BLE001 -- closing must not mask the real error
-        pass
 
 
 def _run_turn_sync(engine: Engine, runner: EpisodeRunner, episodes: list[_Episode], seeds: list[int],
@@ -516,5 +457,5 @@ def _run_turn_sync(engine: Engine, runner: EpisodeRunner, episodes: list[_Episod
 
 def _close_session(ep: _Episode) -> None:
     if ep.session is not None:
-        _close_quietly(ep.session)
+        close_quietly(ep.session)
         ep.session = None

@@ -14,6 +14,7 @@ Benchmarks (bench/<module>.py; --quick uses each one's small setting):
   packing       packed rows vs padded batches: padding waste, fwd+bwd tokens/s (tiny Qwen2.5-VL)
   kernels       CPU: fused log-prob / GRPO loss vs naive and Liger's chunked torch paths
   rollout       radix prefix-KV cache vs no cache: prefilled tokens, engine and episode wall time
+  rollout_async async per-episode agent loops vs turn-synchronous rollouts on a DeepEyesV2-shaped workload
   integrations  TRL GRPOTrainer with our kernels vs as shipped (always its quick setting unless
                 --integrations-full: the full run takes ~12 min on 2 cores)
   e2e_grpo      one whole GRPO step: ours vs TRL GRPOTrainer (vs TRL + Liger)
@@ -63,6 +64,7 @@ BENCHMARKS: tuple[BenchSpec, ...] = (
     BenchSpec("packing", "bench.packing", "run", {"quick": True}, {"quick": False}),
     BenchSpec("kernels", "bench.kernels", "cpu_rows", {"quick": True, "verbose": False}, {"quick": False, "verbose": False}),
     BenchSpec("rollout", "bench.rollout", "run_benchmark", {"quick": True}, {"quick": False}),
+    BenchSpec("rollout_async", "bench.rollout", "run_schedules", {"quick": True, "rounds": 2}, {"quick": False}),
     BenchSpec("integrations", "bench.integrations", "rows", {"quick": True, "verbose": False},
               {"quick": True, "verbose": False}),
     BenchSpec("e2e_grpo", "bench.e2e_grpo", "rows", {"quick": True, "verbose": False}, {"quick": False, "verbose": False}),

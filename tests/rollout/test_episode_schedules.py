@@ -249,16 +249,16 @@ def test_faults_end_only_their_episode_and_leak_nothing(tiny):
         with pytest.warns(RuntimeWarning) as warned:
             trajs = run_episodes(engine, proc, registry, prompts, 2, SamplingParams(temperature=1.0, seed=0),
                                  EpisodeLimits(), progress=False, session_factory=factory, schedule="async",
-                                 tool_timeout_s=1.0)
+                                 tool_timeout_s=8.0)  # past the hang; well above a cold sandbox start on a loaded machine
         by = {(t.prompt_id, t.sample_index): t for t in trajs}
         assert len(trajs) == 8 and [(t.prompt_id, t.sample_index) for t in trajs] == [
             (p.id, g) for p in prompts for g in range(2)]
         hung, nosb, died = by["p0", 1], by["p1", 1], by["p2", 1]
-        assert hung.stop_reason == "tool_error" and "did not return within tool_timeout_s=1" in hung.error
+        assert hung.stop_reason == "tool_error" and "did not return within tool_timeout_s=8" in hung.error
         assert [(c.name, c.status) for c in hung.tool_calls] == [("search", "timeout")]
         assert nosb.stop_reason == "tool_error" and "the sandbox died and cannot restart" in nosb.error, (nosb.tool_calls, nosb.turn_texts)
         # a sandbox process that dies mid-call: the policy reads the error and goes on (the sandbox restarts)
-        assert died.stop_reason == "answer" and died.tool_calls[0].status == "error"
+        assert died.stop_reason == "answer" and died.tool_calls[0].status == "error", (died.error, died.tool_calls)
         assert "SandboxError" in died.tool_calls[0].error
         for g in range(2):
             long = by["long", g]

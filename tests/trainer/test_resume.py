@@ -66,12 +66,13 @@ def assert_same_curves(a: list[dict], b: list[dict]) -> None:
                 assert va == vb, f"step {ra['step']}: {k} {va} != {vb}"
 
 
-def assert_same_final_weights(out_a: Path, out_b: Path) -> None:
+def assert_same_final_weights(out_a: Path, out_b: Path, atol: float = 0.0) -> None:
     wa = load_file(latest_checkpoint(out_a) / "model.safetensors")
     wb = load_file(latest_checkpoint(out_b) / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"weight {k} differs after resume (max {float((wa[k] - wb[k]).abs().max())})"
+        same = torch.equal(wa[k], wb[k]) if atol == 0 else torch.allclose(wa[k], wb[k], rtol=0, atol=atol)
+        assert same, f"weight {k} differs after resume (max {float((wa[k] - wb[k]).abs().max())})"
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +156,9 @@ class HalfScripted:
         self.engine.shutdown()
 
 
-def rl_config(out: Path, resume: bool = False) -> Config:
+def rl_config(out: Path, resume: bool = False, schedule: str = "async") -> Config:
     cfg = Config()
+    cfg.rollout.schedule = schedule
     cfg.model = ModelConfig(name_or_path="tiny", seed=0)
     cfg.optim.lr, cfg.optim.min_lr_ratio = 5e-3, 0.5
     cfg.train.out_dir, cfg.train.steps, cfg.train.save_every = str(out), 3, 2
@@ -179,10 +181,15 @@ def run_rl(cfg: Config, prompts) -> dict:
         rollouts.close()
 
 
-@pytest.mark.slow  # ~50 s on 2 shared cores
-def test_rl_resume_is_exact(tmp_path, data, monkeypatch):
+@pytest.mark.slow  # ~50 s on 2 shared cores, per schedule
+@pytest.mark.parametrize("schedule", ["turn_sync", "async"])
+def test_rl_resume_is_exact(tmp_path, data, monkeypatch, schedule):
+    """turn_sync: the resumed run's weights are bit-identical. async: every sampled token, reward and metric is
+    replayed (the seeds are per request), but which requests share an engine batch depends on timing, and the
+    sampling-time log-probs -- the loss's old log-probs -- carry that batch's fp32 round-off (~1e-7): the weights
+    agree to fp32 tolerance, not bit for bit."""
     prompts = load_prompts(data["rl"])
-    ref = run_rl(rl_config(tmp_path / "ref"), prompts)
+    ref = run_rl(rl_config(tmp_path / "ref", schedule=schedule), prompts)
     assert ref["step"] == 3
     ref_rows = read_metrics(tmp_path / "ref" / "metrics.jsonl")
     # the test means something only if the policy actually moved and groups were dropped and refilled
@@ -192,11 +199,11 @@ def test_rl_resume_is_exact(tmp_path, data, monkeypatch):
     with monkeypatch.context() as m:
         kill_at_call(m, rl_mod, "update_policy", 3)  # dies in step 3 after its rollouts; checkpoint at 2
         with pytest.raises(Killed):
-            run_rl(rl_config(run), prompts)
+            run_rl(rl_config(run, schedule=schedule), prompts)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
     assert latest_checkpoint(run).name == "step_000002"
 
     torch.manual_seed(99)
-    run_rl(rl_config(run, resume=True), prompts)
+    run_rl(rl_config(run, resume=True, schedule=schedule), prompts)
     assert_same_curves(read_metrics(run / "metrics.jsonl"), ref_rows)
-    assert_same_final_weights(run, tmp_path / "ref")
+    assert_same_final_weights(run, tmp_path / "ref", atol=0.0 if schedule == "turn_sync" else 1e-6)
