@@ -1,12 +1,19 @@
 """Checkpoints: an HF-format model directory plus the trainer state, written atomically.
 
 Layout:
-    out_dir/checkpoints/step_000100/   config.json, model.safetensors, tokenizer + preprocessor files
-                                       (loadable by build_model(ModelConfig(name_or_path=...)) and
-                                       ChatProcessor.from_pretrained), trainer_state.pt
+    out_dir/checkpoints/step_000100/   config.json, model.safetensors, tokenizer + preprocessor files, and
+                                       processor_config.json + processing_deepeyesv2.py (`save_processor`),
+                                       trainer_state.pt; a LoRA run adds adapter/ (a PEFT adapter folder)
+                                       and lora_adapter.pt (what its resume restores)
     out_dir/checkpoints/latest         text file naming the newest complete step directory
 
     out_dir/checkpoints/step_*/manifest.json   size and xxh3-128 checksum of every other file in the directory
+
+A step directory loads in a plain Python with transformers (and peft for adapter/), without this package:
+
+    AutoProcessor.from_pretrained(step_dir, trust_remote_code=True)
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(step_dir)
+    PeftModel.from_pretrained(base_model, step_dir / "adapter")
 
 A checkpoint is written into a hidden temp directory (`.tmp_step_*`, removed at the next save or start if a
 crash left one) and renamed into place, so a crash mid-save never leaves a half-written `step_*` directory.
@@ -34,10 +41,13 @@ import torch
 import xxhash
 
 from .data import DataState
-from .lora import adapter_state, is_lora, load_adapter_state, merged_model
+from .lora import adapter_state, is_lora, load_adapter_state, merged_model, save_adapter
 from .metrics import METRICS_FILE
 
 ADAPTER_FILE = "lora_adapter.pt"
+ADAPTER_DIR = "adapter"  # the PEFT adapter folder of a LoRA run: adapter_config.json + adapter_model.safetensors
+PROCESSOR_CODE = Path(__file__).parent / "assets" / "hf_processor" / "processing_deepeyesv2.py"
+PROCESSOR_CONFIG = "processor_config.json"
 
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
@@ -233,11 +243,11 @@ def save_checkpoint(
             # are what a resume restores: the frozen base is rebuilt from the run's config.
             merged_model(model).save_pretrained(str(tmp), safe_serialization=True)
             torch.save(adapter_state(model), tmp / ADAPTER_FILE)
+            save_adapter(model, tmp / ADAPTER_DIR)
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
         if processor is not None:
-            processor.tokenizer.save_pretrained(str(tmp))
-            processor.image_processor.save_pretrained(str(tmp))
+            save_processor(processor, tmp)
         if is_dataclass(data_state):
             data_state = asdict(data_state)
         state = {
@@ -283,6 +293,36 @@ def save_checkpoint(
     return final
 
 
+def save_processor(processor, path: str | Path) -> None:
+    """Write `processor` (a ChatProcessor) as a Hugging Face processor directory: the tokenizer (with its chat
+    template), the image processor's preprocessor_config.json, and processor_config.json naming
+    `processing_deepeyesv2.DeepEyesV2Processor` (copied beside it), so that
+    `AutoProcessor.from_pretrained(path, trust_remote_code=True)` gives a Qwen2.5-VL processor without
+    torchvision, which transformers' own Qwen2_5_VLProcessor needs for its video processor. Without
+    trust_remote_code, AutoProcessor takes transformers' own class (processor_class), where torchvision is
+    installed."""
+    path = Path(path)
+    processor.tokenizer.save_pretrained(str(path))
+    processor.image_processor.save_pretrained(str(path))
+    shutil.copyfile(PROCESSOR_CODE, path / PROCESSOR_CODE.name)
+    config = {"processor_class": "Qwen2_5_VLProcessor",
+              "auto_map": {"AutoProcessor": f"{PROCESSOR_CODE.stem}.DeepEyesV2Processor"}}
+    (path / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def merge_and_save(model, processor, path: str | Path) -> Path:
+    """Write a plain HF checkpoint of a LoRA model, adapters merged (config, safetensors, processor files), and
+    its PEFT adapter folder in path/adapter. `model` itself is left unchanged. The directory loads with
+    `build_model(ModelConfig(name_or_path=path))`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    merged_model(model).save_pretrained(str(path), safe_serialization=True)
+    save_adapter(model, path / ADAPTER_DIR)
+    if processor is not None:
+        save_processor(processor, path)
+    return path
+
+
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST_FILE}.tmp"
     tmp.write_text(name + "\n")
@@ -315,10 +355,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def resume_checkpoint(out_dir: str | Path, log: Callable[[str], None] = say) -> Path | None:
+def resume_checkpoint(out_dir: str | Path, log: Callable[[str], None] = say, what: str = "resume") -> Path | None:
     """The checkpoint a resumed run continues from: the one `latest` names if it verifies, else the newest
     older step directory that does (saying in one line which ones failed and why). None when out_dir has no
-    checkpoint at all; CheckpointError in one line when there are some and none verifies."""
+    checkpoint at all; CheckpointError in one line when there are some and none verifies. `what` starts the
+    lines it says (e.g. "model.name_or_path" when a run directory stands for its checkpoint)."""
     root = checkpoints_dir(out_dir)
     dirs = _step_dirs(root, complete=False)[::-1]  # newest first, incomplete ones included: verify says why
     pointer = root / LATEST_FILE
@@ -337,14 +378,14 @@ def resume_checkpoint(out_dir: str | Path, log: Callable[[str], None] = say) -> 
         # older run, so resume from its newest complete checkpoint and say it is unverified.
         legacy = next((d for d in dirs if (d / STATE_FILE).is_file()), None)
         if legacy is not None:
-            log(f"resume: {root} was written without {MANIFEST_FILE} checksums (an older version); resuming from "
+            log(f"{what}: {root} was written without {MANIFEST_FILE} checksums (an older version); taking "
                 f"{legacy.name} unverified")
             return legacy
     for d in dirs:
         why = verify_checkpoint(d)
         if why is None:
             if failed:
-                log(f"resume: {'; '.join(failed)}; falling back to {d.name}, the newest checkpoint in {root} that "
+                log(f"{what}: {'; '.join(failed)}; falling back to {d.name}, the newest checkpoint in {root} that "
                     f"verifies")
             return d
         failed.append(f"{d.name} fails verification ({why})")

@@ -8,7 +8,9 @@ Qwen2.5-VL module tree with the adapters active, which is what the packed forwar
 The KL reference for free: the base model is the policy with its adapters switched off
 (`with model.disable_adapter():`), so no second copy of the weights is held (deepeyesv2.reference).
 
-`merge_and_save` writes a plain HF checkpoint (W + B A * alpha / r folded into W) that `build_model` loads.
+`merged_model` folds the adapters into a host copy (W + B A * alpha / r) for a plain HF checkpoint that
+`build_model` loads; `save_adapter` writes peft's own adapter folder, which `PeftModel.from_pretrained` loads
+(both written by deepeyesv2.checkpoint).
 """
 
 from __future__ import annotations
@@ -72,19 +74,13 @@ def merged_model(model):
     return cpu_copy(model).merge_and_unload()
 
 
-def merge_and_save(model, processor, path: str | Path) -> Path:
-    """Write a plain HF checkpoint of the merged LoRA model (config, safetensors, tokenizer, image processor).
-
-    The directory loads with `build_model(ModelConfig(name_or_path=path))`. `model` itself is left unchanged.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    merged = merged_model(model)
-    merged.save_pretrained(str(path), safe_serialization=True)
-    if processor is not None:
-        processor.tokenizer.save_pretrained(str(path))
-        processor.image_processor.save_pretrained(str(path))
-    return path
+def save_adapter(model, path: str | Path) -> Path:
+    """peft's adapter folder (adapter_config.json + adapter_model.safetensors), loadable on the base model with
+    `peft.PeftModel.from_pretrained(base, path)`. Returns `path`."""
+    if not is_lora(model):
+        raise ValueError("save_adapter: the model has no LoRA adapters")
+    model.save_pretrained(str(path), safe_serialization=True)  # + peft's README.md model card
+    return Path(path)
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:

@@ -1,11 +1,14 @@
 """The policy: Qwen2.5-VL built from a config preset with random weights, or loaded from a local directory.
 
 Both paths produce the same class (`Qwen2_5_VLForConditionalGeneration`) and the same processor type,
-so tests and the CPU demo exercise the code that trains real checkpoints.
+so tests and the CPU demo exercise the code that trains real checkpoints. `resolve_model_path` is the one
+reading of a model argument (model.name_or_path, eval's and plan's --model): a preset, a checkpoint
+directory, or a run directory, which stands for its newest checkpoint that verifies.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -13,6 +16,7 @@ import torch
 from deepeyesv2_rollout.qwen import ChatProcessor, embed_inputs
 
 from .attention import impl_name, register_varlen_attention
+from .checkpoint import CheckpointError, checkpoints_dir, launch_rank0, resume_checkpoint, say
 from .config import ModelConfig
 from .lora import apply_lora
 from .packing import PackedBatch
@@ -49,10 +53,47 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def load_processor(name_or_path: str = "tiny") -> ChatProcessor:
+# what a Hugging Face Hub model id looks like ("Qwen/Qwen2.5-VL-7B-Instruct"): one slash, no path syntax
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def resolve_model_path(name_or_path: str, what: str = "model.name_or_path") -> str:
+    """The preset or checkpoint directory that `name_or_path` stands for: a preset name or a directory with a
+    config.json as given; a run directory (out_dir of an SFT or RL run) as its newest checkpoint that verifies,
+    said in one line on stderr (rank 0). Anything else: ValueError in one line naming `what`; for a string that
+    looks like a Hub id, it says that nothing is downloaded at run time and how to fetch the weights."""
     if name_or_path in PRESETS:
+        return name_or_path
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return str(path)
+    if path.is_dir() and checkpoints_dir(path).is_dir():
+        quiet = say if launch_rank0() else (lambda _msg: None)
+        try:
+            ckpt = resume_checkpoint(path, quiet, what=what)
+        except CheckpointError as e:
+            raise ValueError(f"{what} {name_or_path!r} is a run directory: {e}") from None
+        if ckpt is None:
+            raise ValueError(f"{what} {name_or_path!r} is a run directory without any checkpoint yet")
+        quiet(f"{what} {name_or_path} is a run directory: loading its newest verified checkpoint {ckpt}")
+        return str(ckpt)
+    if not path.exists() and _HUB_ID.match(name_or_path):
+        local = f"models/{path.name}"
+        raise ValueError(f"{what} {name_or_path!r} is no preset ({', '.join(PRESETS)}) and no local directory; "
+                         f"nothing is downloaded at run time: if it names a Hugging Face Hub model, get its weights "
+                         f"with `huggingface-cli download {name_or_path} --local-dir {local}` and pass "
+                         f"{what} {local}")
+    holds = " (the directory holds neither config.json nor checkpoints/)" if path.is_dir() else ""
+    raise ValueError(f"{what} {name_or_path!r} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory "
+                     f"with a config.json, nor a run directory with checkpoints{holds}")
+
+
+def load_processor(name_or_path: str = "tiny") -> ChatProcessor:
+    """The processor of a preset (the shipped tiny tokenizer), a checkpoint or a run directory."""
+    path = resolve_model_path(name_or_path)
+    if path in PRESETS:
         return ChatProcessor.from_pretrained(TINY_PROCESSOR_DIR)
-    return ChatProcessor.from_pretrained(name_or_path)
+    return ChatProcessor.from_pretrained(path)
 
 
 def preset_config(preset: dict, processor: ChatProcessor):
@@ -80,7 +121,8 @@ def preset_config(preset: dict, processor: ChatProcessor):
 
 
 def build_model(cfg: ModelConfig | None = None, processor: ChatProcessor | None = None):
-    """(model, processor). Random weights for a preset (seeded), or weights from a local directory."""
+    """(model, processor). Random weights for a preset (seeded), or weights from a local checkpoint directory or a
+    run directory's newest verified checkpoint (`resolve_model_path`)."""
     import transformers
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -89,24 +131,19 @@ def build_model(cfg: ModelConfig | None = None, processor: ChatProcessor | None 
     if dtype is None:
         raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
     device = resolve_device(cfg.device)  # a bad device fails before any weights are built
-    processor = processor or load_processor(cfg.name_or_path)
+    name_or_path = resolve_model_path(cfg.name_or_path)
+    processor = processor or load_processor(name_or_path)
     register_varlen_attention()
     # The vision tower keeps SDPA (it has its own per-image cu_seqlens); the text model gets varlen.
     attn = {"text_config": impl_name(cfg.attn_backend), "vision_config": "sdpa", "": "sdpa"}
     transformers.logging.set_verbosity_error()
-    if cfg.name_or_path in PRESETS:
-        config = preset_config(PRESETS[cfg.name_or_path], processor)
+    if name_or_path in PRESETS:
+        config = preset_config(PRESETS[name_or_path], processor)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
     else:
-        path = Path(cfg.name_or_path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"model.name_or_path={cfg.name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
-                f"nor a local checkpoint directory with a config.json"
-            )
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), attn_implementation=attn, dtype=dtype)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, attn_implementation=attn, dtype=dtype)
     model.to(device)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)

@@ -30,12 +30,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from deepeyesv2.checkpoint import latest_checkpoint
 from deepeyesv2.config import (Config, JudgeConfig, ModelConfig, check_values, constraints, integer, number, one_of,
                                optional)
 from deepeyesv2.data import DataError, load_prompts
 from deepeyesv2.judge import JudgeClient
-from deepeyesv2.model import PRESETS, build_model
+from deepeyesv2.model import build_model, resolve_model_path
 from deepeyesv2.rewards import RewardResult, build_reward_fn
 from deepeyesv2.rollout_setup import make_rollouts
 from deepeyesv2.scoring import TRANSCRIPT_CHARS, by_category, rollout_and_score, summarize, transcript
@@ -118,19 +117,6 @@ def load_callable(spec: str, what: str = "judge") -> Callable:
     if not callable(fn):
         raise ValueError(f"--{what} {spec!r} is not callable")
     return fn
-
-
-def resolve_model_path(model: str) -> str:
-    """A preset name, a checkpoint directory (config.json), or a training run directory (its latest checkpoint)."""
-    if model in PRESETS:
-        return model
-    path = Path(model)
-    if (path / "config.json").is_file():
-        return str(path)
-    if path.is_dir() and (ckpt := latest_checkpoint(path)) is not None:
-        return str(ckpt)
-    raise ValueError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory with a "
-                     "config.json, nor a run directory with checkpoints")
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -220,7 +206,7 @@ def evaluate_checkpoint(s: EvalSettings) -> dict:
     prompts = load_prompts(s.data, image_root=s.image_root)
     if s.limit is not None:
         prompts = prompts[: s.limit]
-    model_path = resolve_model_path(s.model)
+    model_path = resolve_model_path(s.model, what="--model")
     model, processor = build_model(ModelConfig(name_or_path=model_path, dtype=s.dtype))
     model.eval()
     rollouts = build_rollouts(model, processor, s)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from deepeyesv2.config import config_from_namespace, config_parser, error_line
-from deepeyesv2.model import PRESETS, preset_config, load_processor
+from deepeyesv2.model import PRESETS, load_processor, preset_config, resolve_model_path
 
 ARCH_DIR = Path(__file__).resolve().parents[1] / "assets" / "arch"
 GiB = 2**30
@@ -107,10 +107,11 @@ def load_arch(name_or_path: str) -> Arch:
     if (ARCH_DIR / f"{key}.json").is_file():
         return arch_from_config(json.loads((ARCH_DIR / f"{key}.json").read_text()), key)
     path = Path(name_or_path)
-    path = path / "config.json" if path.is_dir() else path
-    if not path.is_file():
-        raise ValueError(f"model {name_or_path!r} is neither a preset, a shipped architecture "
-                         f"({', '.join(shipped_archs())}) nor a checkpoint directory / config.json")
+    if not path.is_file():  # a config.json itself, or else what a model argument stands for (deepeyesv2.model)
+        try:
+            path = Path(resolve_model_path(name_or_path, what="--model")) / "config.json"
+        except ValueError as e:
+            raise ValueError(f"{e}; plan also takes a shipped architecture ({', '.join(shipped_archs())})") from None
     return arch_from_config(json.loads(path.read_text()), path.parent.name)
 
 

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepeyesv2.config import Config
 from deepeyesv2.policy_logprobs import packed_logprobs
-from deepeyesv2.lora import is_lora, merge_and_save, target_regex
+from deepeyesv2.checkpoint import merge_and_save
+from deepeyesv2.lora import is_lora, target_regex
 from deepeyesv2.model import ModelConfig, build_model, unwrap_model
 from deepeyesv2.optim import build_optimizer, clip_and_step
 from deepeyesv2.packing import Sample, pack
