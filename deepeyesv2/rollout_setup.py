@@ -14,7 +14,7 @@ from deepeyesv2_rollout.tools.sandbox import SandboxLimits, SandboxPool
 from deepeyesv2_rollout.types import Prompt, SamplingParams, Trajectory
 
 from .config import Config
-from .model import PRESETS
+from .model import PRESETS, resolve_model_path
 from .precision import autocast_dtype
 
 
@@ -69,10 +69,11 @@ class Rollouts:
 
 
 def sglang_model_dir(model, processor, cfg: Config) -> str:
-    """The checkpoint directory SGLang starts from: model.name_or_path, or for a preset (random weights, no
-    directory) the model and processor written to out_dir/sglang_init."""
+    """The checkpoint directory SGLang starts from: model.name_or_path's (a run directory stands for its newest
+    verified checkpoint), or for a preset (random weights, no directory) the model and processor written to
+    out_dir/sglang_init."""
     if cfg.model.name_or_path not in PRESETS:
-        return cfg.model.name_or_path
+        return resolve_model_path(cfg.model.name_or_path)
     path = Path(cfg.train.out_dir) / "sglang_init"
     model.save_pretrained(str(path), safe_serialization=True)
     processor.tokenizer.save_pretrained(str(path))
