@@ -11,6 +11,7 @@ from `deepeyesv2_kernels.grpo_terms`, the package below ours).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -35,106 +36,140 @@ ROLLOUT_SCHEDULES = ("async", "turn_sync")  # deepeyesv2_rollout.episode.SCHEDUL
 REPORTERS = ("jsonl", "tensorboard", "wandb")  # deepeyesv2.metrics.MetricsLogger
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field with its one-line help: `--help` shows it, followed by the allowed values from
+    `constraints()` (tests/commands/test_help.py checks that every field has both)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     """Which policy to train. `name_or_path` is a preset name (random weights, tiny tokenizer) or a local
     directory holding a Qwen2.5-VL checkpoint (config, safetensors, tokenizer, preprocessor_config)."""
 
-    name_or_path: str = "tiny"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    attn_backend: str = "sdpa"  # sdpa | flash | xformers (see deepeyesv2.attention)
-    seed: int = 0
-    device: str = "auto"  # auto = this process's GPU if there is one, else cpu (deepeyesv2.precision)
-    freeze_vision: bool = True
-    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
-    lora_rank: int = 0  # > 0: train LoRA adapters on the text model only (see deepeyesv2.lora); 0 = full fine-tune
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    name_or_path: str = setting(
+        "tiny", "the policy: a preset (tiny, small: random weights) or a local Qwen2.5-VL checkpoint directory")
+    dtype: str = setting(
+        "float32", "dtype of the weights (bfloat16 halves weight, gradient and optimizer memory of a real model)")
+    attn_backend: str = setting(
+        "sdpa", "attention over packed rows: sdpa (any device); flash, xformers need CUDA (see deepeyesv2 info)")
+    seed: int = setting(0, "seed of the random weights of a preset (and of LoRA's initialisation)")
+    device: str = setting("auto", "auto = this process's GPU if there is one, else cpu (deepeyesv2.precision)")
+    freeze_vision: bool = setting(
+        True, "keep the vision tower's weights fixed (DeepEyesV2 trains the language model only)")
+    gradient_checkpointing: bool = setting(
+        False, "recompute each decoder layer's activations in the backward (less memory, one more layer forward)")
+    lora_rank: int = setting(
+        0, "> 0: train LoRA adapters of this rank on the text model only (deepeyesv2.lora); 0 = full fine-tune")
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA adapters' input")
+    lora_targets: tuple[str, ...] = setting(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "text-model projections that get LoRA adapters")
 
 
 @dataclass
 class DataConfig:
-    train_path: str = ""  # JSONL; SFT: trajectories (messages + images), RL: prompts
-    eval_path: str = ""
-    image_root: str = ""  # relative image paths resolve against this (default: the JSONL's folder)
-    max_bad_lines: int = 0  # corrupt JSONL lines tolerated (counted, reported) before failing
-    max_image_pixels: int = 89_478_485  # larger images are refused at load (PIL's decompression-bomb warning size)
+    train_path: str = setting(
+        "", "JSONL (or a JSON array); SFT: trajectories, RL: prompts (deepeyesv2 check-data FILE checks one)")
+    eval_path: str = setting("", "held-out data in the same layout (optional)")
+    image_root: str = setting("", "relative image paths resolve against this folder (default: the data file's folder)")
+    max_bad_lines: int = setting(0, "corrupt JSONL lines tolerated (counted, reported) before failing")
+    max_image_pixels: int = setting(
+        89_478_485, "larger images are refused at load (default: PIL's decompression-bomb warning size)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    offload_states: bool = False  # AdamW moments + fp32 master weights in host memory (deepeyesv2.optim.OffloadedAdamW)
+    lr: float = setting(1e-5, "peak learning rate of AdamW (0 = a dry run with the weights unchanged)")
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay")
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW (beta1, beta2)")
+    warmup_steps: int = setting(0, "linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = setting(0.1, "the cosine decays to lr * min_lr_ratio (1.0 = constant after warm-up)")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    grad_accum: int = setting(1, "backward passes accumulated per optimizer step")
+    offload_states: bool = setting(
+        False, "keep AdamW moments and fp32 master weights in host memory (deepeyesv2.optim.OffloadedAdamW)")
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/default"
-    steps: int = 100
-    epochs: int = 1  # SFT: passes over the data (steps caps it)
-    tokens_per_batch: int = 4096  # packing budget per packed row
-    rows_per_step: int = 1  # packed rows per optimizer step (x grad_accum)
-    save_every: int = 50
-    log_every: int = 1
-    seed: int = 0
-    resume: bool = False  # continue from the newest checkpoint in out_dir that verifies
-    overwrite: bool = False  # clear a finished run's metrics and checkpoints in out_dir and start over
-    progress: bool = True
-    # where metrics go: jsonl (out_dir/metrics.jsonl, always written), tensorboard, wandb (WANDB_MODE=offline: no
-    # network); a listed logger that is not installed is an error
-    report_to: tuple[str, ...] = ("jsonl",)
-    autocast: str = "auto"  # auto = bf16 autocast on CUDA for fp32 weights | bf16 | off (deepeyesv2.precision)
-    tf32: bool = True  # on CUDA: fp32 matmuls (lm-head kernels, engine logits) on tf32 tensor cores
-    logprob_tokens_budget: int = 0  # no-grad log-prob passes (old / reference) take <= this many tokens at once; 0 = a whole row
+    out_dir: str = setting("runs/default", "run directory: metrics.jsonl, checkpoints/, plots/")
+    steps: int = setting(100, "optimizer steps to run (SFT stops earlier when train.epochs are done)")
+    epochs: int = setting(1, "SFT: passes over the data (train.steps caps it)")
+    tokens_per_batch: int = setting(4096, "token budget of one packed row (sequences are packed first-fit-decreasing)")
+    rows_per_step: int = setting(1, "SFT: packed rows per optimizer step (x grad_accum); with N ranks, at least N")
+    save_every: int = setting(50, "write a checkpoint every this many steps (and at the end)")
+    log_every: int = setting(1, "write a metrics.jsonl row every this many steps")
+    seed: int = setting(0, "seed of data shuffling and sampling")
+    resume: bool = setting(False, "continue from the newest checkpoint in out_dir that verifies")
+    overwrite: bool = setting(False, "clear a finished run's metrics and checkpoints in out_dir and start over")
+    progress: bool = setting(True, "show progress bars (off: one line per logged step)")
+    report_to: tuple[str, ...] = setting(
+        ("jsonl",), "where metrics go: jsonl (out_dir/metrics.jsonl, always written), tensorboard, wandb "
+                    "(WANDB_MODE=offline: no network); a listed logger that is not installed is an error")
+    autocast: str = setting(
+        "auto",
+        "auto = bf16 autocast on CUDA for fp32 weights, else off; bf16 = always; off = never (deepeyesv2.precision)")
+    tf32: bool = setting(True, "on CUDA: run fp32 matmuls (lm-head kernels, engine logits) on tf32 tensor cores")
+    logprob_tokens_budget: int = setting(
+        0, "no-grad log-prob passes (old / reference) take at most this many tokens at once; 0 = a whole row")
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "embedded"  # embedded | sglang
-    sglang_mem_fraction: float = 0.4  # GPU share SGLang reserves for weights + KV cache (the trainer shares the GPU)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256  # per policy turn
-    max_turns: int = 9
-    max_total_tokens: int = 4096
-    max_images: int = 8
-    cache_tokens: int = 200_000  # prefix-KV cache budget of the embedded engine
-    sandbox_workers: int = 4
-    code_timeout_s: float = 10.0
-    schedule: str = "async"  # async: every episode advances on its own, no turn barrier | turn_sync: all episodes one turn together
-    tool_workers: int = 0  # threads running tool calls; 0 = one per episode of a rollout call (calls never queue)
-    tool_timeout_s: float = 120.0  # a tool call still running after this ends its episode (tool_error); above the tools' own limits
+    engine: str = setting(
+        "embedded", "embedded (in process, radix prefix-KV cache) or sglang (GPU, pip install 'deepeyesv2[gpu]')")
+    sglang_mem_fraction: float = setting(
+        0.4, "GPU share SGLang reserves for weights + KV cache (the trainer shares the GPU)")
+    temperature: float = setting(1.0, "sampling temperature (0 = greedy)")
+    top_p: float = setting(1.0, "nucleus sampling mass")
+    max_new_tokens: int = setting(256, "tokens the policy may write per turn")
+    max_turns: int = setting(9, "policy turns per episode (tool calls + the answer)")
+    max_total_tokens: int = setting(4096, "tokens per episode: prompt, policy turns and tool outputs together")
+    max_images: int = setting(
+        8, "images per episode (input + tool-returned); the episode stops at a tool output that would exceed it")
+    cache_tokens: int = setting(200_000, "prefix-KV cache budget of the embedded engine, in tokens (0 = no cache)")
+    sandbox_workers: int = setting(4, "warm sandbox processes kept ready for code calls")
+    code_timeout_s: float = setting(10.0, "wall-clock limit of one code call, seconds")
+    schedule: str = setting(
+        "async", "async: every episode advances on its own, no turn barrier; turn_sync: all episodes one turn together")
+    tool_workers: int = setting(0, "threads running tool calls; 0 = one per episode of a rollout call (calls never queue)")
+    tool_timeout_s: float = setting(
+        120.0, "a tool call still running after this many seconds ends its episode (tool_error); above the tools' own limits")
 
 
 @dataclass
 class RLConfig:
-    prompts_per_step: int = 4
-    group_size: int = 8
-    ppo_epochs: int = 1  # passes over each rollout batch
-    mini_batches: int = 1  # optimizer steps per rollout batch per epoch
-    clip_low: float = 0.2
-    clip_high: float = 0.28  # DAPO clip-higher
-    dual_clip: float | None = None
-    kl_coef: float = 0.0  # DeepEyesV2 trains without KL
-    kl_estimator: str = "k3"
-    ref_on_cpu: bool = False  # full fine-tune KL reference parked in host memory (LoRA: base = adapters off, free)
-    loss_agg: str = "token-mean"
-    adv_norm: str = "std"  # std (GRPO) | none (Dr.GRPO)
-    dynamic_sampling: bool = True  # DAPO: drop groups whose rewards are all equal, refill
-    max_refill_rounds: int = 2
-    overlong_buffer: int = 0  # DAPO soft overlong penalty window (tokens); 0 = off
-    overlong_penalty: float = 1.0
-    entropy_coef: float = 0.0
-    recompute_old_logprobs: bool = False  # else reuse the sampling-time log-probs
-    reward: str = "deepeyesv2"  # deepeyesv2 | deepeyes_v1 | a "module:function" path
-    log_completions: int = 4  # episodes per step written to out_dir/completions.jsonl (turns, tool calls, reward); 0 = none
+    prompts_per_step: int = setting(4, "prompts (groups) per RL step")
+    group_size: int = setting(8, "samples per prompt (G); advantages are relative to the group")
+    ppo_epochs: int = setting(1, "passes over each rollout batch")
+    mini_batches: int = setting(1, "optimizer steps per rollout batch per epoch")
+    clip_low: float = setting(0.2, "PPO clip range below 1: ratio >= 1 - clip_low")
+    clip_high: float = setting(0.28, "PPO clip range above 1: ratio <= 1 + clip_high (DAPO clip-higher: > clip_low)")
+    dual_clip: float | None = setting(None, "dual-clip bound c > 1 on negative-advantage tokens; null = off")
+    kl_coef: float = setting(
+        0.0, "weight of the KL penalty to the reference policy (0 = no reference; DeepEyesV2 trains without KL)")
+    kl_estimator: str = setting(
+        "k3", "KL estimator of the penalty (k1 = log-ratio, k2 = squared, k3 = unbiased low-variance)")
+    ref_on_cpu: bool = setting(
+        False, "full fine-tune: park the KL reference in host memory (LoRA: the base with adapters off, free)")
+    loss_agg: str = setting(
+        "token-mean",
+        "loss averaging: token-mean (DAPO: each token alike), seq-mean-token-mean (GRPO: each sequence alike), ...")
+    adv_norm: str = setting("std", "advantage normalisation: std (GRPO, divide by the group's std) or none (Dr.GRPO)")
+    dynamic_sampling: bool = setting(True, "DAPO: drop groups whose rewards are all equal and refill")
+    max_refill_rounds: int = setting(2, "DAPO dynamic sampling: extra rollout rounds to refill dropped groups")
+    overlong_buffer: int = setting(
+        0, "DAPO soft overlong penalty window (tokens before rollout.max_total_tokens); 0 = off")
+    overlong_penalty: float = setting(1.0, "the overlong penalty at the limit (it grows linearly over the window)")
+    entropy_coef: float = setting(0.0, "weight of the entropy bonus (0 = off)")
+    recompute_old_logprobs: bool = setting(
+        False, "recompute the old policy's log-probs before the update (else reuse the sampling-time ones)")
+    reward: str = setting(
+        "deepeyesv2", "reward function: a built-in name or a 'package.module:function' taking a RewardInput")
+    log_completions: int = setting(
+        4, "episodes per step written to out_dir/completions.jsonl (turns, tool calls, reward); 0 = none")
 
 
 JUDGE_FAILURE_SCORES = ("rules", "zero")  # deepeyesv2.judge: how a verdict that failed after every retry is scored
@@ -145,18 +180,23 @@ class JudgeConfig:
     """An LLM judge served over an OpenAI-compatible chat endpoint (deepeyesv2.judge), used by RL and eval for
     answer_type 'judge' items and, with free_form, for free-form answers the rules reject."""
 
-    url: str = ""  # LLM judge endpoint base, e.g. http://127.0.0.1:8000/v1 (vLLM / SGLang); "" = no judge, rules only
-    model: str = ""  # the served judge model's name (vLLM --served-model-name); required with url
-    temperature: float = 0.3  # judge sampling temperature (DeepEyesV2 samples its judge at 0.3)
-    max_tokens: int = 512  # tokens per verdict (a short reasoning, then \boxed{yes} or \boxed{no})
-    concurrency: int = 16  # judge requests in flight at once (a step's verdicts go out together)
-    timeout_s: float = 60.0  # per judge request, seconds
-    retries: int = 3  # further attempts after a timeout, connection error, HTTP 429/5xx, bad JSON or no verdict
-    backoff_s: float = 1.0  # wait before the first retry; doubles each retry (with jitter, at most 30 s)
-    on_failure: str = "rules"  # a verdict that failed every attempt scores: rules (the rule matcher's score) or zero
-    free_form: bool = True  # also judge free-form answers the rules reject (else only answer_type 'judge' items)
-    cache_size: int = 100_000  # verdicts kept, keyed by (question, answer, gold); 0 = no cache
-    api_key_env: str = ""  # name of an environment variable holding the endpoint's API key (sent as Bearer); "" = none
+    url: str = setting(
+        "", "LLM judge endpoint base, e.g. http://127.0.0.1:8000/v1 (vLLM / SGLang); \"\" = no judge, rules only")
+    model: str = setting("", "the served judge model's name (vLLM --served-model-name); required with url")
+    temperature: float = setting(0.3, "judge sampling temperature (DeepEyesV2 samples its judge at 0.3)")
+    max_tokens: int = setting(512, "tokens per verdict (a short reasoning, then \\boxed{yes} or \\boxed{no})")
+    concurrency: int = setting(16, "judge requests in flight at once (a step's verdicts go out together)")
+    timeout_s: float = setting(60.0, "per judge request, seconds")
+    retries: int = setting(
+        3, "further attempts after a timeout, connection error, HTTP 429/5xx, bad JSON or no verdict")
+    backoff_s: float = setting(1.0, "wait before the first retry; doubles each retry (with jitter, at most 30 s)")
+    on_failure: str = setting(
+        "rules", "a verdict that failed every attempt scores: rules (the rule matcher's score) or zero")
+    free_form: bool = setting(
+        True, "also judge free-form answers the rules reject (else only answer_type 'judge' items)")
+    cache_size: int = setting(100_000, "verdicts kept, keyed by (question, answer, gold); 0 = no cache")
+    api_key_env: str = setting(
+        "", "name of an environment variable holding the endpoint's API key (sent as Bearer); \"\" = none")
 
 
 @dataclass
@@ -187,6 +227,7 @@ class Check:
 
     ok: Callable[[Any], bool]
     allowed: str
+    choices: tuple[str, ...] = ()  # the names an enum field takes (listed by --help; empty for ranges)
 
 
 def _is_num(v: Any) -> bool:
@@ -219,7 +260,7 @@ def number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 
 
 def one_of(*values: str) -> Check:
-    return Check(lambda v: v in values, "one of " + ", ".join(repr(x) for x in values))
+    return Check(lambda v: v in values, "one of " + ", ".join(repr(x) for x in values), choices=tuple(values))
 
 
 def optional(check: Check) -> Check:
@@ -331,7 +372,8 @@ def constraints() -> dict[str, Check]:
         "rl.overlong_penalty": number(0),
         "rl.entropy_coef": number(),
         "rl.recompute_old_logprobs": BOOL,
-        "rl.reward": Check(_reward_ok, "'deepeyesv2', 'deepeyes_v1' or a 'package.module:function' path"),
+        "rl.reward": Check(_reward_ok, "'deepeyesv2', 'deepeyes_v1' or a 'package.module:function' path",
+                           choices=REWARD_NAMES),
         "rl.log_completions": integer(0),
         "judge.url": Check(_judge_url_ok, "'' or an http:// or https:// URL"),
         "judge.model": TEXT,
@@ -383,11 +425,34 @@ def error_line(e: BaseException) -> str:
     return " ".join(lines[:2]) or repr(e)
 
 
-def config_parser(prog: str = "deepeyesv2"):
-    """jsonargparse parser over `Config`: `--config file.yaml` plus dotted overrides (`--rl.group_size 8`)."""
-    parser = ArgumentParser(prog=prog, exit_on_error=False, default_env=False)
+def field_help() -> dict[str, str]:
+    """Dotted key -> the field's one-line help (its `setting(..., help)`), for every field of Config."""
+    return {f"{section.name}.{f.name}": f.metadata.get("help", "")
+            for section in dataclasses.fields(Config) for f in dataclasses.fields(section.default_factory)}
+
+
+def config_parser(prog: str = "deepeyesv2", shown: tuple[str, ...] | None = None, description: str | None = None):
+    """jsonargparse parser over `Config`: `--config file.yaml` plus dotted overrides (`--rl.group_size 8`).
+
+    Each field's help is its one-line description and what `constraints()` allows. `shown`: the sections
+    ("rl") or dotted keys ("rl.group_size") that `--help` lists (default: all); the others are still
+    accepted, so one YAML serves every command, but a command's help lists only what it reads."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the fields below")
     parser.add_class_arguments(Config)
+    helps, checks = field_help(), constraints()
+    visible = {key for key in helps if shown is None or key in shown or key.split(".")[0] in shown}
+    for action in parser._actions:  # jsonargparse keeps argparse's action list; no public setter for help
+        if action.dest in helps:
+            action.help = (f"{helps[action.dest]}. Allowed: {checks[action.dest].allowed}."
+                           if action.dest in visible else argparse.SUPPRESS)
+        elif action.dest in {f.name for f in dataclasses.fields(Config)}:  # `--rl CONFIG`: a section's own file
+            action.help = (f"YAML file with {action.dest}.* fields"
+                           if shown is None or action.dest in shown else argparse.SUPPRESS)
+    titles = {f"<class '{s.default_factory.__module__}.{s.default_factory.__qualname__}'>": s.name
+              for s in dataclasses.fields(Config)}
+    for group in parser._action_groups:  # "<class 'deepeyesv2.config.RLConfig'>:" -> "rl:"
+        group.title = titles.get(group.title, group.title)
     return parser
 
 
