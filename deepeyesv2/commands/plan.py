@@ -26,6 +26,7 @@ architecture numbers in deepeyesv2/assets/arch/), or any Qwen2.5-VL checkpoint d
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -313,11 +314,14 @@ def largest_fit(a: Arch, p: PlanSetup, budget: int, groups=(4, 8, 16, 32), max_r
 
 
 def parse_bytes(text: str) -> int:
-    """'24GiB', '24GB', '80G', '1.5TiB' -> bytes. GB and GiB both mean 2**30 here (binary units throughout)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    """'24GiB', '24GB', '80G', '1.5TiB', '512MiB' -> bytes. GB and GiB both mean 2**30 here (binary units
+    throughout). A bare number is refused: '24' would otherwise be 24 bytes, which nobody means."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([KMGT])(?:i?B)?|(B))\s*", text, re.IGNORECASE)
     if not m:
-        raise ValueError(f"--gpu-mem must look like 24GiB or 80GB, got {text!r}")
-    unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+        bare = re.fullmatch(r"\s*[0-9.]+\s*", text) is not None
+        raise ValueError(f"--gpu-mem {text!r} has no unit: write e.g. {text.strip()}GiB" if bare else
+                         f"--gpu-mem must look like 24GiB, 80GB or 512MiB, got {text!r}")
+    unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()] if m.group(2) else 1
     return int(float(m.group(1)) * unit)
 
 
@@ -345,7 +349,140 @@ def setup_from_config(cfg, mode: str | None = None, **overrides) -> PlanSetup:
     return replace(p, **overrides)
 
 
-def report(result: dict, budget: int | None = None, fits: dict[int, int] | None = None) -> str:
+# ------------------------------------------------------------------------------ real-model defaults
+
+
+# the config fields the plan reads (`plan --help` lists them; the others are accepted and ignored)
+PLAN_KEYS = ("model.name_or_path", "model.dtype", "model.lora_rank", "model.lora_targets", "model.freeze_vision",
+             "model.gradient_checkpointing", "optim.offload_states", "train.tokens_per_batch", "rollout.engine",
+             "rollout.max_total_tokens", "rollout.cache_tokens", "rl.prompts_per_step", "rl.group_size",
+             "rl.kl_coef", "rl.ref_on_cpu")
+
+
+def is_real_arch(name_or_path: str) -> bool:
+    """A real Qwen2.5-VL architecture (shipped or a checkpoint), not one of our random-weight presets."""
+    return name_or_path not in PRESETS
+
+
+def real_model_defaults(cfg, given: set[str]) -> tuple[object, list[str]]:
+    """(cfg with real-model values, one line per value it assumed) for planning a real architecture from a config
+    written for a preset: bf16 weights instead of fp32, and a prefix-KV cache sized from the step's rollouts
+    (every trajectory's prefix kept between its turns) instead of the preset's fixed token budget. Keys the user
+    gave on the command line (`given`) are kept."""
+    notes: list[str] = []
+    model, rollout = cfg.model, cfg.rollout
+    if "model.dtype" not in given and model.dtype != "bfloat16":
+        notes.append(f"model.dtype=bfloat16 (config: {model.dtype}): real checkpoints train in bf16")
+        model = replace(model, dtype="bfloat16")
+    cache = cfg.rl.prompts_per_step * cfg.rl.group_size * cfg.rollout.max_total_tokens
+    if "rollout.cache_tokens" not in given and rollout.engine == "embedded" and rollout.cache_tokens != cache:
+        notes.append(f"rollout.cache_tokens={cache} (config: {rollout.cache_tokens}) = rl.prompts_per_step "
+                     f"{cfg.rl.prompts_per_step} x rl.group_size {cfg.rl.group_size} x rollout.max_total_tokens "
+                     f"{cfg.rollout.max_total_tokens}: each trajectory's prefix kept between its turns")
+        rollout = replace(rollout, cache_tokens=cache)
+    return replace(cfg, model=model, rollout=rollout), notes
+
+
+# ------------------------------------------------------------------------------ changes that make a step fit
+
+
+@dataclass(frozen=True)
+class Change:
+    """One config change the planner may suggest: the dotted key, its new value, and the PlanSetup it gives."""
+
+    key: str
+    value: object
+    setup: dict
+
+    def flag(self) -> str:
+        v = str(self.value).lower() if isinstance(self.value, bool) else self.value
+        return f"--{self.key} {v}"
+
+
+def candidate_changes(p: PlanSetup) -> list[list[Change]]:
+    """Per lever, its candidate values mildest first, levers in order of preference: those that keep what is
+    trained and sampled (precision, recomputation, where state lives, cache and row sizes) before LoRA, and
+    smaller groups or episodes (which change the recipe) last."""
+    seq = p.prompt_tokens + p.response_tokens
+    levers: list[list[Change]] = []
+    if p.dtype == "float32":
+        levers.append([Change("model.dtype", "bfloat16", {"dtype": "bfloat16"})])
+    if not p.checkpointing:
+        levers.append([Change("model.gradient_checkpointing", True, {"checkpointing": True})])
+    if p.kl == "device-copy":
+        levers.append([Change("rl.ref_on_cpu", True, {"kl": "cpu-copy"})])
+    if p.cache_tokens > 0:
+        levers.append([Change("rollout.cache_tokens", c, {"cache_tokens": c})
+                       for c in (p.cache_tokens // 2, p.cache_tokens // 4, p.cache_tokens // 8, 0)])
+    rows = [r for r in (p.row_tokens // 2**k for k in range(1, 6)) if r >= 256 and max(r, seq) < max(p.row_tokens, seq)]
+    if rows:
+        levers.append([Change("train.tokens_per_batch", r, {"row_tokens": r}) for r in rows])
+    if not p.offload_optimizer:
+        levers.append([Change("optim.offload_states", True, {"offload_optimizer": True})])
+    if p.lora_rank == 0:
+        kl = {"kl": "adapters-off"} if p.kl != "none" else {}
+        levers.append([Change("model.lora_rank", 64, {"lora_rank": 64, **kl})])
+    groups = [g for g in (p.group_size // 2**k for k in range(1, 4)) if g >= 2]
+    if groups:
+        levers.append([Change("rl.group_size", g, {"group_size": g}) for g in groups])
+    lengths = [n for n in (p.response_tokens // 2**k for k in range(1, 4)) if n >= 256]
+    if lengths:
+        levers.append([Change("rollout.max_total_tokens", n, {"response_tokens": n}) for n in lengths])
+    return levers
+
+
+def changes_that_fit(a: Arch, p: PlanSetup, budget: int, n: int = 3, most: int = 3) -> list[tuple[list[Change], int]]:
+    """Up to `n` sets of config changes (each of at most `most` levers, fewest first, then by lever preference,
+    each lever at its mildest value that fits) whose predicted peak fits `budget`, with that peak. A set that
+    contains an already found one is skipped: it adds a change the step does not need."""
+    levers = candidate_changes(p)
+    found: list[tuple[list[Change], int]] = []
+    chosen: list[set[int]] = []
+    for size in range(1, most + 1):
+        for combo in itertools.combinations(range(len(levers)), size):
+            if any(c <= set(combo) for c in chosen):
+                continue
+            # the mildest assignment first: fewest steps down each lever's list
+            options = sorted(itertools.product(*(range(len(levers[i])) for i in combo)), key=lambda ix: (sum(ix), ix))
+            for ix in options:
+                changes = [levers[i][j] for i, j in zip(combo, ix)]
+                peak = plan(a, replace(p, **{k: v for c in changes for k, v in c.setup.items()}))["peak"]
+                if peak <= budget:
+                    found.append((changes, peak))
+                    chosen.append(set(combo))
+                    break
+            if len(found) == n:
+                return found
+    return found
+
+
+def leanest(a: Arch, p: PlanSetup) -> tuple[list[Change], int]:
+    """Every lever at its strongest value, and the peak that gives (when nothing up to `most` levers fits)."""
+    changes = [lever[-1] for lever in candidate_changes(p)]
+    return changes, plan(a, replace(p, **{k: v for c in changes for k, v in c.setup.items()}))["peak"]
+
+
+def fit_lines(a: Arch, p: PlanSetup, peak: int, budget: int) -> list[str]:
+    """What the report says about the budget: fits, or the (computed) changes that would make it fit."""
+    if peak <= budget:
+        return [f"budget {fmt_bytes(budget)}: fits ({fmt_bytes(budget - peak)} to spare)"]
+    lines = [f"budget {fmt_bytes(budget)}: does NOT fit (over by {fmt_bytes(peak - budget)})"]
+    found = changes_that_fit(a, p, budget)
+    if found:
+        lines.append(f"{len(found)} way(s) to make it fit, fewest changes first (PREDICTED peak; add a line's flags to "
+                     f"the command or set them in the YAML):")
+        lines += [f"  {k}. {' '.join(c.flag() for c in changes)}   -> {fmt_bytes(pk)}"
+                  for k, (changes, pk) in enumerate(found, 1)]
+    else:
+        changes, pk = leanest(a, p)
+        lines.append(f"no set of up to 3 changes fits; even {' '.join(c.flag() for c in changes)} predicts "
+                     f"{fmt_bytes(pk)}: a smaller model or a larger device")
+    return lines
+
+
+def report(result: dict, budget: int | None = None, fits: dict[int, int] | None = None,
+           assumed: list[str] | None = None, fit: list[str] | None = None) -> str:
+    """The plan as text. `assumed`: the real-model defaults it used (real_model_defaults); `fit`: fit_lines."""
     r, p = result, result["setup"]
     lines = [f"memory plan (PREDICTED) for {r['arch']}: {r['params'] / 1e9:.3f} B params, {r['trainable'] / 1e6:.1f} M "
              f"trainable, {p['dtype']} on {p['device']}, lora_rank={p['lora_rank']} checkpointing={p['checkpointing']} "
@@ -363,7 +500,11 @@ def report(result: dict, budget: int | None = None, fits: dict[int, int] | None 
               f" vs naive [T, V] logits {fmt_bytes(r['naive_logprob_bytes'])}"]
     if r["host_optimizer_bytes"]:
         lines.append(f"host memory for the offloaded optimizer: {fmt_bytes(r['host_optimizer_bytes'])}")
-    if budget is not None:
+    if assumed:
+        lines[1:1] = assumed
+    if fit is not None:
+        lines += fit
+    elif budget is not None:
         lines.append(f"budget {fmt_bytes(budget)}: {'fits' if r['peak'] <= budget else 'does NOT fit'}")
     if fits:
         lines += ["", f"largest response length that fits {fmt_bytes(budget)} (prompt {p['prompt_tokens']} tokens, "
@@ -394,37 +535,65 @@ def fits_table(models=("qwen2.5-vl-3b", "qwen2.5-vl-7b"), budgets_gib=(24, 48, 8
 
 def main(argv: list[str] | None = None) -> int:
     """`deepeyesv2 plan`: plan-specific flags here, everything else is the usual config (--config, --rl.group_size ...)."""
-    ap = argparse.ArgumentParser(prog="deepeyesv2 plan", description="predicted peak memory of one RL step")
-    ap.add_argument("--gpu-mem", default=None, help="device memory budget, e.g. 24GiB")
-    ap.add_argument("--model", default=None, help="architecture (default: model.name_or_path): "
-                    + ", ".join(shipped_archs()) + ", a preset or a checkpoint dir")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="deepeyesv2 plan", add_help=False,
+                                 description="Predicted peak memory of one colocated RL step, by component, and what "
+                                             "would fit a budget. Besides these flags it takes the usual config: "
+                                             "--config run.yaml and dotted overrides (listed below).")
+    ap.add_argument("-h", "--help", action="store_true", help="show this help (with the config keys plan reads)")
+    ap.add_argument("--config", default=None, help="YAML run config (the keys listed below; others are ignored)")
+    ap.add_argument("--gpu-mem", default=None, help="device memory budget with its unit, e.g. 24GiB, 80GB, 512MiB")
+    ap.add_argument("--model", default=None, help="architecture to plan (default: model.name_or_path): "
+                    + ", ".join(shipped_archs()) + ", a preset or a checkpoint dir; a real one is planned with "
+                    "real-model defaults (bf16, a KV cache sized from the rollout settings), each stated")
     ap.add_argument("--mode", default=None, choices=list(MODES), help="override LoRA / checkpointing / offload knobs")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--prompt-tokens", type=int, default=1024)
-    ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--prompt-tokens", type=int, default=1024, help="prompt tokens incl. image tokens")
+    ap.add_argument("--image-size", type=int, default=448, help="image side, pixels")
     ap.add_argument("--images", type=int, default=1, help="images per trajectory (input + tool-returned)")
     ap.add_argument("--table", action="store_true", help="print the fits-on-one-GPU table for 3B/7B and exit")
     args, rest = ap.parse_known_args(argv)
+    rest = (["--config", args.config] if args.config else []) + rest  # the file first: dotted overrides win
+    parser = config_parser(prog="deepeyesv2 plan", shown=PLAN_KEYS)
+    if args.help:
+        print(ap.format_help())
+        print("config keys plan reads (in the --config YAML or as dotted overrides, e.g. --rl.group_size 16):")
+        # the config parser's groups, without its own usage line and generic options (-h, --print_config)
+        print("\n\n".join(part for part in parser.format_help().split("\n\n")
+                          if not part.startswith(("usage:", "options:"))))
+        return 0
     if args.table:
         print(fits_table())
         return 0
-    parser = config_parser(prog="deepeyesv2 plan")
     try:
+        budget = parse_bytes(args.gpu_mem) if args.gpu_mem else None
         cfg = config_from_namespace(parser, parser.parse_args(rest))
+    except ValueError as e:
+        print(f"deepeyesv2 plan: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # jsonargparse names the bad key
         print(f"deepeyesv2 plan: config error: {error_line(e)}", file=sys.stderr)
         return 2
     try:
-        arch = load_arch(args.model or cfg.model.name_or_path)
+        name = args.model or cfg.model.name_or_path
+        arch = load_arch(name)
+        assumed: list[str] = []
+        if args.model and is_real_arch(args.model):
+            given = {tok[2:].split("=", 1)[0] for tok in rest if tok.startswith("--")}
+            cfg, notes = real_model_defaults(cfg, given)
+            if notes:
+                assumed = [f"assumed for the real architecture {arch.name} (the config is for "
+                           f"model.name_or_path={cfg.model.name_or_path}; set a key on the command line to keep yours):"]
+                assumed += [f"  {n}" for n in notes]
         setup = setup_from_config(cfg, args.mode, device=args.device, prompt_tokens=args.prompt_tokens,
                                   image_size=args.image_size, images=args.images)
-        budget = parse_bytes(args.gpu_mem) if args.gpu_mem else None
     except ValueError as e:
         print(f"deepeyesv2 plan: {e}", file=sys.stderr)
         return 2
     result = plan(arch, setup)
     fits = largest_fit(arch, setup, budget) if budget else None
-    print(report(result, budget, fits))
+    fit = fit_lines(arch, setup, result["peak"], budget) if budget else None
+    print(report(result, budget, fits, assumed=assumed, fit=fit))
     return 0
 
 
