@@ -8,6 +8,7 @@
     deepeyesv2 eval --model M --data F   accuracy per category with tool rollouts (RealX-Bench-style JSONL)
     deepeyesv2 plot RUN_DIR              PNG training curves
     deepeyesv2 plan --config f.yaml [--gpu-mem 24GiB]   predicted peak memory by component, what fits
+    deepeyesv2 check-data FILE           validate SFT / RL data: format, images, placeholders, system prompt, protocol
     deepeyesv2 sandbox-server [--port 8000] [--token T]  our isolated sandbox over HTTP, DeepEyesV2's code-server API
 
 Overrides use the config's dotted field names: `--rl.group_size 8 --train.steps 20`.
@@ -29,6 +30,7 @@ COMMANDS = {
     "eval": "deepeyesv2.commands.eval",
     "plan": "deepeyesv2.commands.plan",
     "plot": "deepeyesv2.commands.plot",
+    "check-data": "deepeyesv2.commands.check_data",
     "sandbox-server": "deepeyesv2_rollout.tools.sandbox_server",
 }
 
