@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepeyesv2.data import DataError, DataWarning, load_jsonl, prompt_record, record_name, sft_messages, sft_sample
+from deepeyesv2.model import load_processor
 from deepeyesv2_rollout.chat import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER
 from deepeyesv2_rollout.protocol import SYSTEM_PROMPT, format_ok, parse_action, turn_format_ok
 
@@ -186,9 +187,7 @@ def check_file(path: Path, kind: str = "auto", image_root: str = "", model: str 
     rep.problems += [str(w.message).split("; max_bad_lines=")[0] for w in caught if issubclass(w.category, DataWarning)]
     base = Path(image_root) if image_root else path.parent
     if kind == "sft":
-        from deepeyesv2.model import load_processor  # tokenizer + image processor, as sft.py renders with
-
-        check_sft(records, load_processor(model), base, rep)
+        check_sft(records, load_processor(model), base, rep)  # tokenizer + image processor, as sft.py renders with
     else:
         check_rl(records, base, rep)
     if not records:
