@@ -29,8 +29,8 @@ results' cached_tokens), ratios ours / vLLM per pair (median, min-max), and how 
 engines agree on (greedy, fp32, same weights).
 
 The e2e peer: TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate") on the same model, on CPU, a few steps, in the
-vLLM venv, with TRL's own generate (use_vllm=False) beside it. A side that cannot run here is a row with its error
-line.
+vLLM venv, with vLLM's own Qwen2 and with its transformers backend (vllm_model_impl), and TRL's own generate
+(use_vllm=False) beside them. A side that cannot run here is a row with its error line.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench._common import REPO_ROOT, interleave, load_average, pair_stats, render_table
+from bench._common import NOISY_SPREAD, REPO_ROOT, interleave, pair_stats, render_table
 from bench.verl_peer import _run_checked, cpu_model
 
 VLLM_VERSION = "0.32.0"
@@ -209,6 +209,7 @@ class Worker:
         self.side = side
         self.log_path = log_path
         self._log = open(log_path, "w")
+        self.binding: list[str] = []  # vLLM's OpenMP binding log lines (core ids, reserved cpus)
         self.proc = subprocess.Popen([str(python), "-P", str(WORKER), "--side", side, "--model", str(model_dir),
                                       "--workload", str(workload)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, env=env, cwd=str(workload.parent))
@@ -222,6 +223,8 @@ class Worker:
         for line in self.proc.stdout:  # vLLM's own log lines go to stdout too; ours is the prefixed one
             if line.startswith(RESULT_PREFIX):
                 return json.loads(line[len(RESULT_PREFIX):])
+            if "ompmultiprocessing" in line and ("core ids=" in line or "reserved_cpus=" in line):
+                self.binding.append(line.split("ompmultiprocessing.py:", 1)[1].split("]", 1)[1].strip())
         tail = "\n".join(self.log_path.read_text().strip().splitlines()[-5:])
         return {"error": f"worker {self.side} exited {self.proc.wait()} before answering", "where": tail}
 
@@ -334,17 +337,23 @@ def _error(res: dict) -> tuple[str, str]:
     return res.get("error", ""), res.get("where", "")
 
 
-def run_trl(python: Path, model_dir: Path, workload: Path, use_vllm: bool, threads: int, log=print) -> TrlResult:
-    label = ("TRL GRPOTrainer, use_vllm=True, vllm_mode=colocate" if use_vllm
+TRL_RUNS = ((False, ""), (True, "vllm"), (True, "transformers"))  # (use_vllm, vllm_model_impl)
+
+
+def run_trl(python: Path, model_dir: Path, workload: Path, use_vllm: bool, model_impl: str, threads: int,
+            log=print) -> TrlResult:
+    label = (f"TRL GRPOTrainer, use_vllm=True, vllm_mode=colocate, vllm_model_impl={model_impl}" if use_vllm
              else "TRL GRPOTrainer, use_vllm=False (transformers generate)")
     side = "trl.grpo.vllm" if use_vllm else "trl.grpo"
-    out = workload.parent / f"{side}.json"
-    log_path = workload.parent / f"{side}.log"
+    name = f"{side}-{model_impl}" if use_vllm else side
+    out = workload.parent / f"{name}.json"
+    log_path = workload.parent / f"{name}.log"
     log(f"running {label}")
     with open(log_path, "w") as f:
         try:
             proc = subprocess.run([str(python), "-P", str(WORKER), "--side", side, "--model", str(model_dir),
-                                   "--workload", str(workload), "--out", str(out)], stdout=f, stderr=f,
+                                   "--workload", str(workload), "--out", str(out),
+                                   *(["--vllm-model-impl", model_impl] if use_vllm else [])], stdout=f, stderr=f,
                                   env=_env(threads), cwd=str(workload.parent), timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return TrlResult(label, error=f"TimeoutExpired: no result within {RUN_TIMEOUT_S} s")
@@ -359,8 +368,6 @@ def measure(quick: bool = False, rounds: int = 3, venv: Path = DEFAULT_VENV, trl
             vllm_omp_bind: str = "auto", eager: bool = False, log=print) -> Report:
     """Build/reuse the venv, export the model, start the four engine processes, run them interleaved, then the
     TRL rows (see the module docstring)."""
-    import torch
-
     from deepeyesv2.config import ModelConfig
     from deepeyesv2.model import build_model
 
@@ -393,7 +400,8 @@ def measure(quick: bool = False, rounds: int = 3, venv: Path = DEFAULT_VENV, trl
                                     work_dir / f"{s}.log", env)
                 hello = workers[s].hello
                 sides[s].start_s, sides[s].versions = workers[s].start_s, hello.get("versions", {})
-                sides[s].config = hello.get("config", {})
+                sides[s].config = dict(hello.get("config", {}), **({"binding": "; ".join(workers[s].binding)}
+                                                                     if workers[s].binding else {}))
                 sides[s].error, sides[s].where = _error(hello)
                 if sides[s].error:
                     log(f"  {s} cannot start: {sides[s].error}")
@@ -410,8 +418,8 @@ def measure(quick: bool = False, rounds: int = 3, venv: Path = DEFAULT_VENV, trl
                 sides[s].runs = results
                 check_runs(sides[s], w.tokens_per_turn)
         if trl:
-            for use_vllm in (False, True):
-                trl_rows.append(run_trl(python, model_dir, workload, use_vllm, settings.threads, log=log))
+            for use_vllm, impl in TRL_RUNS:
+                trl_rows.append(run_trl(python, model_dir, workload, use_vllm, impl, settings.threads, log=log))
     from bench.vllm_peer_worker import versions as our_versions
 
     return Report(workload=w, settings=settings, episodes=len(episodes), vocab=model.config.text_config.vocab_size,
@@ -455,7 +463,8 @@ def side_rows(rep: Report) -> list[dict]:
                     f"tokens_cached {_span([r['engine_tokens_cached'] for r in res.runs])} (of which a group's shared "
                     f"prefill {_span([r['engine_tokens_shared'] for r in res.runs])})")
         else:
-            note = f"block_size {res.config.get('block_size')}, compile {res.config.get('compilation_mode')}"
+            note = (f"block_size {res.config.get('block_size')}, compilation mode {res.config.get('compilation_mode')}; "
+                    f"OpenMP: {res.config.get('binding', '?')}")
         wall = [r["wall_s"] for r in res.runs]
         rows.append(dict(side=LABELS[s], tok_s=f"{r0['tokens_decoded'] / statistics.median(wall):.0f}",
                          ep_s=f"{r0['episodes'] / statistics.median(wall):.1f}",
@@ -542,8 +551,17 @@ def markdown(rep: Report) -> str:
                                        ("generated tokens agreeing (greedy)", "agree")]),
         "",
     ]
+    block = next((r.config["block_size"] for s, r in rep.sides.items() if "block_size" in r.config), "?")
+    lines += [f"Prefill counts: vLLM's prefix cache hits whole KV blocks only ({block} tokens on its CPU backend), so "
+              "a context shorter than a block, or the tail past the last full block, is prefilled again each turn; "
+              "ours matches per token (radix tree) and prefills a group's shared prompt once. Tokens/s counts decoded "
+              "tokens. A pair is 'noisy' when its per-pair ratios spread more than "
+              f"{NOISY_SPREAD}x (bench/_common.py).", ""]
     if rep.trl:
         lines += ["## End to end: TRL GRPOTrainer on CPU (vLLM venv)", "",
+                  f"TRL {TRL_VERSION} states support for vLLM 0.22.0-0.31.0 (its import warning); {VLLM_VERSION} is "
+                  "the vLLM CPU build on the registry. Colocate mode pushes the policy's weights into vLLM's model "
+                  "(model.load_weights) before generating.", "",
                   render_table(trl_rows(rep), [("side", "side"), ("step time", "step"), ("note", "note")]), ""]
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
     python -P bench/vllm_peer_worker.py --side SIDE --model DIR --workload W.json   (then commands on stdin)
     python -P bench/vllm_peer_worker.py --side trl.grpo[.vllm] --model DIR --workload W.json --out R.json
+        [--vllm-model-impl vllm|transformers]
 
 Run by the vLLM venv's python for the vllm.* and trl.* sides and by our venv's python for the ours.* sides (-P:
 bench/ must not go on sys.path, where bench/kernels.py would pass for Hugging Face's `kernels` package). Imports
@@ -256,9 +257,9 @@ SIDES = {"vllm.generate": vllm_generate_side, "vllm.async": vllm_async_side,
 
 
 # ----------------------------------------------------------------------------------- TRL GRPO (e2e peer)
-def trl_grpo(model_dir: str, work: dict, use_vllm: bool) -> dict:
-    """A few GRPOTrainer steps on the same model, TRL generating with vLLM colocated (use_vllm) or with its own
-    transformers generate; step time from the trainer's log (train_runtime / steps, the first step excluded)."""
+def trl_grpo(model_dir: str, work: dict, use_vllm: bool, model_impl: str = "vllm") -> dict:
+    """A few GRPOTrainer steps on the same model, TRL generating with vLLM colocated (use_vllm; model_impl: vLLM's
+    own Qwen2 or its transformers backend) or with its own transformers generate; each step's wall time."""
     import tempfile
 
     from datasets import Dataset
@@ -292,7 +293,8 @@ def trl_grpo(model_dir: str, work: dict, use_vllm: bool) -> dict:
                          temperature=1.0, seed=0, use_vllm=use_vllm,
                          **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization":
                              work["settings"]["vllm_gpu_memory_utilization"],
-                             "vllm_enable_sleep_mode": False} if use_vllm else {}))
+                             "vllm_enable_sleep_mode": False, "vllm_model_impl": model_impl}
+                            if use_vllm else {}))
         trainer = GRPOTrainer(model=model_dir, reward_funcs=reward_len, args=cfg,
                               train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[StepClock()])
         trainer.train()
@@ -336,12 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="the Qwen2ForCausalLM directory")
     ap.add_argument("--workload", required=True, help="the workload JSON")
     ap.add_argument("--out", help="trl sides: where the result JSON goes")
+    ap.add_argument("--vllm-model-impl", default="vllm", choices=["vllm", "transformers"],
+                    help="trl.grpo.vllm: GRPOConfig.vllm_model_impl")
     args = ap.parse_args(argv)
     with open(args.workload) as f:
         work = json.load(f)
     if args.side.startswith("trl."):
         try:
-            res = trl_grpo(args.model, work, use_vllm=args.side == "trl.grpo.vllm")
+            res = trl_grpo(args.model, work, use_vllm=args.side == "trl.grpo.vllm", model_impl=args.vllm_model_impl)
         except Exception as e:  # noqa: BLE001 -- the peer's own failure is the table's row
             traceback.print_exc()
             res = error_line(e)
