@@ -109,6 +109,10 @@ def demo_config(s: DemoSettings, stage: str) -> Config:
     cfg.rollout.max_total_tokens = 1024
     cfg.rollout.sandbox_workers = 4
     cfg.rollout.code_timeout_s = 20.0
+    # Turn-synchronous episodes: every turn's requests reach the engine together, so batches -- and their fp32
+    # round-off in the sampling log-probs -- are the same in every run and the demo's numbers reproduce exactly.
+    # Under `async` (the trainer's default) batching follows arrival times and the RL stage varies run to run.
+    cfg.rollout.schedule = "turn_sync"
     if stage == "sft":
         cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay = s.sft_lr, 5, 0.0
         cfg.train.steps, cfg.train.epochs, cfg.train.tokens_per_batch = s.sft_steps, 1000, 4096
