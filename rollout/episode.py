@@ -4,8 +4,14 @@
       the policy generates one turn (one engine request)
       -> parse the action (protocol.parse_action)
       -> answer: done | code/tool: run on the tool pool (threads), one Session per episode | malformed: error text
-      -> append  <|im_end|>\\n<|im_start|>user\\n{tool text}{image blocks}<|im_end|>\\n<|im_start|>assistant\\n
+      -> append  <|im_end|>\\n<|im_start|>user\\n{tool text}{image blocks}<|im_end|>\\n<|im_start|>assistant\\n{prefill}
          (loss mask 0; tool images get exactly the pad count the processor gives them)
+
+The protocol profile (protocol.ProtocolProfile, `run_episodes(profile=...)`) owns the templates: how a code
+result's stdout / stderr are laid out, what comes between a tool's text and its images, the text that opens the
+next assistant turn (`think_prefill`, environment-written; `Trajectory.turn_texts` shows each turn as the policy
+continued it, prefill first), how many returned images a round keeps and how they are resized, and which fenced
+block of a <code> action runs. Its stop strings and banned tokens are sampling fields (`sampling_fields`).
 
 Two schedules run those stages (`run_episodes(schedule=...)`), with the same stages and the same trajectories:
 - "async" (rollout/agent_loop.py): every episode advances on its own -- its turn ends, its tool call goes to the
@@ -19,7 +25,7 @@ The policy's tokens, including the stop tag it generated, get loss mask 1 and th
 log-probs; everything the environment writes gets 0. Limits end an episode with a recorded stop_reason.
 
 Tool text is environment text: encoded as plain text (ChatProcessor.encode_plain), so what code prints can
-never become a control token; returned images pass chat.fit_image first. An exception while handling one
+never become a control token; returned images pass the profile's resize rule first. An exception while handling one
 episode's turn, tool call or observation ends that episode only (stop_reason tool_error / env_error, the
 one-line Trajectory.error, a RuntimeWarning); its state is rolled back to before the failing stage, so the
 trajectory stays consistent (every pad block has its image) and the batch goes on. So does an engine error on
@@ -43,10 +49,10 @@ from PIL import Image
 
 from .chat import render_chat
 
-from .qwen import ChatProcessor, fit_image
+from .qwen import ChatProcessor
 from .agent_loop import run_async
 from .engine import Engine, stop_token_sets
-from .protocol import Action, invalid_action_feedback, parse_action
+from .protocol import OURS, Action, ProtocolProfile, invalid_action_feedback
 from .radix_cache import image_hashes
 from .tool_pool import ToolCall, ToolOutcome, ToolPool, close_quietly
 from .types import GenerateRequest, GenerateResult, Prompt, SamplingParams, ToolCallRecord, Trajectory
@@ -111,6 +117,7 @@ class _Episode:
         self.answer: str | None = None
         self.session = None
         self.pending: Action | None = None
+        self.prefill = ""  # the profile's think prefill the environment opened the current assistant turn with
         self.processor = processor
 
     @property
@@ -174,10 +181,12 @@ def _default_session_factory(pool: Any) -> Callable[[list[Image.Image]], Any]:
 
 
 class EpisodeRunner:
-    """State shared by one `run_episodes` call (processor, registry, limits, special token ids)."""
+    """State shared by one `run_episodes` call (processor, registry, limits, protocol profile, special token ids)."""
 
-    def __init__(self, processor: ChatProcessor, registry: Any, limits: EpisodeLimits, session_factory: Callable):
+    def __init__(self, processor: ChatProcessor, registry: Any, limits: EpisodeLimits, session_factory: Callable,
+                 profile: ProtocolProfile = OURS):
         self.p, self.registry, self.limits, self.session_factory = processor, registry, limits, session_factory
+        self.profile = profile
         self.eos, self.special = stop_token_sets(processor)
 
     # -- faults ---------------------------------------------------------------------------------------
@@ -220,7 +229,8 @@ class EpisodeRunner:
         ep.mask.extend([1] * len(res.token_ids))
         ep.logprobs.extend(float(x) for x in res.logprobs)
         ep.turn_spans.append((start, len(ep.ids)))
-        text = self.p.decode(res.token_ids)
+        text = ep.prefill + self.p.decode(res.token_ids)  # the turn as the policy continued it
+        ep.prefill = ""
         ep.turn_texts.append(text)
         if res.token_ids and res.token_ids[-1] in self.special:
             # a vision token or a new <|im_start|> inside the turn: the chat layout cannot be continued
@@ -229,7 +239,7 @@ class EpisodeRunner:
         if res.finish_reason == "length":
             ep.stop_reason = "max_tokens"
             return
-        action = parse_action(text)
+        action = self.profile.parse(text)
         if action.kind == "answer":
             ep.answer = action.answer
             ep.stop_reason = "answer"
@@ -265,8 +275,11 @@ class EpisodeRunner:
         except Exception as e:  # noqa: BLE001 -- counted as a failed call; ends this episode only
             return ToolOutcome(ToolCallRecord(action.tool_name, action.tool_args, "error", 0.0,
                                               f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]), error=e)
-        record = ToolCallRecord(action.tool_name, action.tool_args, result.status, result.latency_s, result.error)
-        return ToolOutcome(record, result.text or "", images)
+        text = (self.profile.code_text(result.stdout, result.stderr) if result.stdout is not None
+                else result.text or "")
+        record = ToolCallRecord(action.tool_name, action.tool_args, result.status, result.latency_s, result.error,
+                                output=text)
+        return ToolOutcome(record, text, images)
 
     def apply_tool(self, ep: _Episode, call: ToolCall, out: ToolOutcome) -> tuple[str, list[Image.Image]] | None:
         """The loop's side of a finished call: record it on the episode. Returns (text, images) for the
@@ -298,33 +311,31 @@ class EpisodeRunner:
     def add_observation(self, ep: _Episode, text: str, images: list[Image.Image]) -> None:
         """Append the user turn with the tool's text and images (mask 0). Nothing is appended until every
         piece (tokens, pixels, image keys) exists, so a failure leaves the episode as it was."""
-        p, lim = self.p, self.limits
-        kept, notes = [], []
-        for k, im in enumerate(images, 1):
-            fitted, did = fit_image(im)
-            if did is not None:
-                notes.append(f"[returned image {k} ({im.width}x{im.height}) was {did}]")
-            if fitted is not None:
-                kept.append(fitted)
-        images = kept
+        p, lim, prof = self.p, self.limits, self.profile
+        images, notes = prof.fit_images(images)
         if len(ep.images) + len(images) > lim.max_images:
             ep.stop_reason = "max_images"
             return
         text_ids = p.encode_plain(text) if text else []
-        if len(text_ids) > lim.max_tool_output_tokens:
+        cut = len(text_ids) > lim.max_tool_output_tokens
+        if cut:
             text_ids = text_ids[: lim.max_tool_output_tokens] + p.encode_plain(TRUNCATION_NOTE)
         if notes:  # after the truncation: the policy always learns what happened to its images
             text_ids += p.encode_plain(("\n" if text_ids else "") + "\n".join(notes))
+        if images and text_ids:
+            if prof.intro_joined and not cut and not notes:
+                # the released pipeline tokenizes the user turn as one string: "```" + "\n\nImages:\n" merge
+                text_ids = p.encode_plain(text + prof.images_intro)
+            else:
+                text_ids += p.encode_plain(prof.images_intro)
         obs = [] if ep.ids[-1] == p.im_end_id else [p.im_end_id]
         obs += p.encode("\n") + p.turn_header("user") + text_ids
         vis = p.image_inputs(images) if images else None
         keys = image_hashes(vis.pixel_values, vis.grid_thw) if images else []
-        if images:
-            if text_ids:
-                obs += p.encode("\n")
-            for g in vis.grid_thw:
-                obs += p.image_block(g)
-        obs += p.turn_footer() + p.turn_header("assistant")
+        for g in vis.grid_thw if images else []:
+            obs += p.image_block(g)
+        # the next assistant header and the profile's prefill as one string (as the released pipeline writes it)
+        obs += p.turn_footer() + [p.im_start_id] + p.encode("assistant\n" + prof.think_prefill)
         if len(ep.ids) + len(obs) >= lim.max_total_tokens:
             ep.stop_reason = "max_tokens"
             return
@@ -335,6 +346,7 @@ class EpisodeRunner:
             ep.pixels.extend(vis.pixel_values.split(sizes))
             ep.grids.extend(g for g in vis.grid_thw)
             ep.image_keys.extend(keys)
+        ep.prefill = prof.think_prefill
 
 
 def check_registry(registry: Any, required: tuple[str, ...]) -> None:
@@ -366,6 +378,7 @@ def run_episodes(
     schedule: str = "async",
     max_tool_workers: int | None = None,
     tool_timeout_s: float | None = None,
+    profile: ProtocolProfile = OURS,
 ) -> list[Trajectory]:
     """Roll out `group_size` episodes per prompt. Returns trajectories prompt-major (group g = prompts[g],
     group_id = group_id_offset + g), samples in order within a group.
@@ -377,7 +390,8 @@ def run_episodes(
     schedule: "async" (per-episode loops, rollout/agent_loop.py; needs the engine's `agenerate`) or "turn_sync"
     (all live episodes one turn together through `engine.generate`). max_tool_workers: threads of the tool pool
     (None: one per episode, so tool calls never queue behind each other). tool_timeout_s: a tool call still
-    running after this long ends its episode (tool_error); None waits for the tool's own limits."""
+    running after this long ends its episode (tool_error); None waits for the tool's own limits. profile: the
+    protocol layout (protocol.PROFILES); `sampling` must carry its stop strings and bans (checked)."""
     from tqdm.auto import tqdm
 
     if group_size < 1:
@@ -389,10 +403,11 @@ def run_episodes(
     if tool_timeout_s is not None and not tool_timeout_s > 0:
         raise ValueError(f"tool_timeout_s must be > 0 (or None), got {tool_timeout_s}")
     limits = limits or EpisodeLimits()
+    profile.check_sampling(sampling, processor)
     check_registry(registry, required_tools)
     if session_factory is None:
         session_factory = _default_session_factory(pool if pool is not None else getattr(registry, "pool", None))
-    runner = EpisodeRunner(processor, registry, limits, session_factory)
+    runner = EpisodeRunner(processor, registry, limits, session_factory, profile)
     episodes: list[_Episode] = []
     for pi, prompt in enumerate(prompts):
         rendered = render_chat(processor, prompt.chat_messages(), prompt.images, add_generation_prompt=True,

@@ -72,23 +72,40 @@ class StopChecker:
         return None, None
 
 
+def sequence_bans(context: list[int], banned_sequences: tuple[tuple[int, ...], ...]) -> list[int]:
+    """The tokens that would complete a banned sequence after `context` (its last token, where the context
+    ends with the rest of it)."""
+    out = []
+    for seq in banned_sequences:
+        n = len(seq) - 1
+        if len(context) >= n and tuple(context[len(context) - n:]) == seq[:-1]:
+            out.append(seq[-1])
+    return out
+
+
 def sample_tokens(
     logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator | None],
-    draw_rows: int | None = None,
+    draw_rows: int | None = None, row_bans: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (tokens [B] int64, logprobs [B] fp32 of log_softmax(logits / T) at the tokens).
 
-    Only ids < `draw_rows` (the tokenizer's size, when the lm head has padding rows past it) and not in
-    sampling.banned_token_ids are drawn; the log-probs are over all V rows, the trainer's quantity."""
+    Only ids < `draw_rows` (the tokenizer's size, when the lm head has padding rows past it), not in
+    sampling.banned_token_ids and not in the row's `row_bans` (sequence_bans) are drawn; the log-probs are over
+    all V rows, the trainer's quantity."""
     logits = logits.float()
     scaled = logits / sampling.logprob_temperature
     logp = torch.log_softmax(scaled, dim=-1)
-    if (draw_rows is not None and draw_rows < scaled.shape[-1]) or sampling.banned_token_ids:
+    any_row_ban = row_bans is not None and any(row_bans)
+    if (draw_rows is not None and draw_rows < scaled.shape[-1]) or sampling.banned_token_ids or any_row_ban:
         scaled = scaled.clone()
         if draw_rows is not None:
             scaled[:, draw_rows:] = float("-inf")
         if sampling.banned_token_ids:
             scaled[:, list(sampling.banned_token_ids)] = float("-inf")
+        if any_row_ban:
+            for b, bans in enumerate(row_bans):
+                if bans:
+                    scaled[b, bans] = float("-inf")
     if sampling.greedy:
         tokens = scaled.argmax(dim=-1)
     else:

@@ -39,7 +39,7 @@ import torch
 from .qwen import ChatProcessor, image_embeddings, mrope_position_ids
 from .kv_pool import KV, PrefillCache, SlotPool
 from .radix_cache import RadixCache, cache_key, image_hashes
-from .sampling import StopChecker, request_generator, sample_tokens
+from .sampling import StopChecker, request_generator, sample_tokens, sequence_bans
 from .types import BatchingConfig, GenerateRequest, GenerateResult, SamplingParams
 
 
@@ -496,8 +496,13 @@ class Scheduler:
             forced = [j for j in rows if seqs[j].req.forced_tokens is not None]
             picks: dict[int, tuple[int, float]] = {}
             if free:
+                bans = None
+                if sampling.banned_sequences:
+                    tail = max(len(q) for q in sampling.banned_sequences)  # only the context's end can match
+                    bans = [sequence_bans((seqs[j].req.token_ids[-tail:] + seqs[j].ids)[-tail:], sampling.banned_sequences)
+                            for j in free]
                 tokens, logp = sample_tokens(logits[free], sampling, [seqs[j].gen for j in free],
-                                             draw_rows=len(self.processor.tokenizer))
+                                             draw_rows=len(self.processor.tokenizer), row_bans=bans)
                 picks.update({j: (int(t), float(lp)) for j, t, lp in zip(free, tokens.tolist(), logp.tolist())})
             if forced:
                 lp_all = torch.log_softmax(logits[forced].float() / sampling.logprob_temperature, dim=-1)

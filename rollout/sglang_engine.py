@@ -176,6 +176,10 @@ class SGLangEngine:
             spaces_between_special_tokens=False,
             no_stop_trim=True,
         )
+        if sampling.banned_sequences:
+            raise ValueError(f"SGLangEngine cannot ban multi-token strings (sampling.banned_sequences "
+                             f"{[list(q) for q in sampling.banned_sequences]}); only single tokens (logit bias). Use "
+                             "rollout.engine: embedded, or a profile whose banned strings are single tokens")
         if sampling.banned_token_ids:  # never drawn (SGLang adds the bias to the logits before sampling)
             params["logit_bias"] = {str(int(t)): -1e9 for t in sampling.banned_token_ids}
         seed = r.seed if r.seed is not None else sampling.seed

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .protocol import SYSTEM_PROMPT
+from .protocol import OURS, SYSTEM_PROMPT
 
-DEFAULT_STOP = ("</code>", "</tool_call>", "</answer>")
+DEFAULT_STOP = OURS.stop
 FINISH_REASONS = ("stop", "length", "eos")
 # How an episode ended (Trajectory.stop_reason). tool_error: the tool call itself failed beyond what the tool
 # reports to the policy (its sandbox would not start, the registry raised); env_error: the episode loop failed
@@ -35,7 +35,9 @@ class SamplingParams:
     vocabulary (top-k/top-p only restrict what is drawn), with T = temperature (1.0 when greedy): exactly the
     quantity the trainer recomputes, so the on-policy importance ratio is 1. `banned_token_ids` are never drawn
     (their logits are masked for the draw only, like the lm head's padding rows past the tokenizer, which the
-    engines never draw either); log-probs still span every row, as the trainer's do.
+    engines never draw either); log-probs still span every row, as the trainer's do. `banned_sequences`: token
+    sequences never completed -- a sequence's last token is masked wherever the context (prompt and turn) ends
+    with the rest of it (a banned string of several tokens; EmbeddedEngine only).
     """
 
     temperature: float = 1.0
@@ -45,6 +47,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=lambda: list(DEFAULT_STOP))
     seed: int | None = None
     banned_token_ids: tuple[int, ...] = ()
+    banned_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -55,6 +58,8 @@ class SamplingParams:
             raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(len(s) < 2 for s in self.banned_sequences):
+            raise ValueError("sampling.banned_sequences must hold sequences of 2+ tokens (one token: banned_token_ids)")
 
     @property
     def greedy(self) -> bool:

@@ -28,6 +28,8 @@ class ToolResult:
     status: "ok" | "error" | "timeout".
     error: one clear line for the policy when status != "ok", else None.
     latency_s: wall-clock seconds the call took.
+    stdout, stderr: a code call's streams (None for other tools): the episode loop lays them out with its
+    protocol profile's code template (`text` holds them in the "ours" layout).
     """
 
     text: str
@@ -35,6 +37,8 @@ class ToolResult:
     status: str = "ok"
     error: str | None = None
     latency_s: float = 0.0
+    stdout: str | None = None
+    stderr: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -74,6 +74,7 @@ from PIL import Image
 
 from ._sandbox_worker import _real_uid  # one reading of /proc/PID/status for both sides (stdlib only)
 from .base import ToolResult
+from ..protocol import OURS
 
 WORKER_SCRIPT = str(Path(__file__).with_name("_sandbox_worker.py"))
 # A conforming worker's caps (output chars, images) can exceed their limits by at most a
@@ -927,8 +928,9 @@ class SandboxPool:
 # ---------------------------------------------------------------- session
 
 def format_code_result(stdout: str, stderr: str) -> str:
-    """The exact text the policy sees after a code call (the only place this format lives)."""
-    return f"Code execution result:\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    """A code call's text in the "ours" protocol layout (protocol.OURS.code_template; the episode loop uses
+    its own profile's)."""
+    return OURS.code_text(stdout, stderr)
 
 
 def _png_b64(image: Image.Image) -> str:
@@ -1109,7 +1111,8 @@ class Session:
             return ToolResult(text=f"Error: {run.error}", status=run.status, error=run.error,
                               latency_s=run.latency_s)
         return ToolResult(text=format_code_result(run.stdout, run.stderr), images=run.images,
-                          status=run.status, error=run.error, latency_s=run.latency_s)
+                          status=run.status, error=run.error, latency_s=run.latency_s,
+                          stdout=run.stdout, stderr=run.stderr)
 
     def execute(self, code: str, timeout_s: float | None = None) -> CodeRun:
         """Run ``code`` in this episode's kernel; stdout, stderr and images come back separately

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import deepeyesv2_rollout.episode as episode_mod
+import deepeyesv2_rollout.protocol as protocol_mod
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2_rollout.qwen import mrope_position_ids
 from deepeyesv2_rollout.episode import SCHEDULES, EpisodeLimits, run_episodes
@@ -301,8 +302,9 @@ def _inject(stage, proc, monkeypatch):
         monkeypatch.setattr(proc.tokenizer, "decode", lambda ids, *a, **k: (
             fault() if BOOM in (s := orig(ids, *a, **k)) and "ran:" not in s else s))
     elif stage == "parse":
-        orig = episode_mod.parse_action
-        monkeypatch.setattr(episode_mod, "parse_action", lambda text: fault() if BOOM in text else orig(text))
+        orig = protocol_mod.parse_action
+        monkeypatch.setattr(protocol_mod, "parse_action",
+                            lambda text, **k: fault() if BOOM in text else orig(text, **k))
     elif stage == "tool":
         registry = ToolRegistry([EchoTool(), TextTool("search"), TextTool("image_search")])
         orig = registry.call
