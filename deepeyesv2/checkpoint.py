@@ -50,6 +50,7 @@ PROCESSOR_CODE = Path(__file__).parent / "assets" / "hf_processor" / "processing
 PROCESSOR_CONFIG = "processor_config.json"
 
 STATE_FILE = "trainer_state.pt"
+PROTOCOL_FILE = "protocol.json"  # the turn layout and system prompt the checkpoint was trained under
 LATEST_FILE = "latest"
 MANIFEST_FILE = "manifest.json"
 HASH_NAME = "xxh3_128"  # non-cryptographic: it catches corruption, not tampering, at disk-read speed
@@ -214,6 +215,20 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
+def read_protocol(ckpt: str | Path) -> dict | None:
+    """The {"protocol", "system_prompt"} a checkpoint of ours was trained under (None: not ours, or older)."""
+    path = Path(ckpt) / PROTOCOL_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not (isinstance(info, dict) and isinstance(info.get("protocol"), str) and isinstance(info.get("system_prompt"), str)):
+        raise CheckpointError(f"{path}: needs string fields 'protocol' and 'system_prompt'")
+    return info
+
+
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
@@ -225,10 +240,12 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int | None = 3,
     log: Callable[[str], None] = say,
+    protocol: dict | None = None,
 ) -> Path:
     """Write out_dir/checkpoints/step_{step:06d}/ atomically with its manifest, point `latest` at it, keep the
     newest `keep_last` step directories (None or 0: keep all). `extra` must hold plain Python values.
-    Returns the checkpoint directory. Disk full: CheckpointError naming the path and the space needed, the
+    `protocol` ({"protocol", "system_prompt"}) goes to protocol.json, read back by `read_protocol` when RL or
+    eval starts from the checkpoint. Returns the checkpoint directory. Disk full: CheckpointError naming the path and the space needed, the
     earlier checkpoints untouched."""
     root = checkpoints_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -259,6 +276,8 @@ def save_checkpoint(
             "extra": dict(extra or {}),
         }
         torch.save(state, tmp / STATE_FILE)
+        if protocol is not None:
+            (tmp / PROTOCOL_FILE).write_text(json.dumps(protocol, indent=1))
         write_manifest(tmp)
         old = None
         if final.exists():  # re-saving a step (e.g. a resumed run reaching it again): swap, then delete

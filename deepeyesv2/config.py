@@ -33,6 +33,7 @@ LORA_ATTN_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})  # deepe
 LORA_MLP_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
 REWARD_NAMES = ("deepeyesv2", "deepeyes_v1")  # deepeyesv2.rewards.REWARD_FNS' keys
 ROLLOUT_SCHEDULES = ("async", "turn_sync")  # deepeyesv2_rollout.episode.SCHEDULES
+PROTOCOLS = ("ours", "deepeyesv2")  # deepeyesv2_rollout.protocol.PROFILES
 REPORTERS = ("jsonl", "tensorboard", "wandb")  # deepeyesv2.metrics.MetricsLogger
 
 
@@ -137,6 +138,10 @@ class RolloutConfig:
     tool_workers: int = setting(0, "threads running tool calls; 0 = one per episode of a rollout call (calls never queue)")
     tool_timeout_s: float = setting(
         120.0, "a tool call still running after this many seconds ends its episode (tool_error); above the tools' own limits")
+    protocol: str = setting(
+        "ours", "turn layout (rollout/protocol.py): ours, or deepeyesv2 (the released checkpoints' and cold-start data's)")
+    system_prompt: str = setting(
+        "", "system turn of SFT, RL, eval and the demo for records without one of their own; empty = the protocol's")
 
 
 @dataclass
@@ -351,6 +356,8 @@ def constraints() -> dict[str, Check]:
         "rollout.sandbox_workers": integer(0),
         "rollout.code_timeout_s": number(0, lo_open=True),
         "rollout.schedule": one_of(*ROLLOUT_SCHEDULES),
+        "rollout.protocol": one_of(*PROTOCOLS),
+        "rollout.system_prompt": TEXT,
         "rollout.tool_workers": integer(0),
         "rollout.tool_timeout_s": number(0, lo_open=True),
         "rl.prompts_per_step": integer(1),

@@ -26,10 +26,12 @@ import torch
 from PIL import Image
 
 from deepeyesv2_rollout.chat import load_image, render_chat
+from deepeyesv2_rollout.protocol import get_profile
 
 from deepeyesv2_rollout.qwen import ChatFormatError, ChatProcessor
 from deepeyesv2_rollout.types import Prompt
 
+from .config import RolloutConfig
 from .packing import Sample
 from .rewards import ANSWER_TYPES
 
@@ -275,13 +277,65 @@ def _load_images(messages: list[dict], images: list[Any], base_dir: str | Path |
     return out_msgs, loaded
 
 
+def stage_system_prompt(rollout: RolloutConfig) -> str:
+    """The system turn every stage (SFT, RL, eval, the demo) gives a record without one of its own:
+    rollout.system_prompt, or the protocol profile's."""
+    return rollout.system_prompt or get_profile(rollout.protocol).system_prompt
+
+
+def trained_protocol(rollout: RolloutConfig) -> dict:
+    """What a checkpoint records it was trained under (checkpoint.PROTOCOL_FILE)."""
+    return {"protocol": rollout.protocol, "system_prompt": stage_system_prompt(rollout)}
+
+
+def adopt_trained_protocol(rollout: RolloutConfig, trained: dict | None, source: str) -> str | None:
+    """RL or eval starting from a checkpoint of ours (`trained`: checkpoint.read_protocol): an unset
+    rollout.system_prompt takes the one the checkpoint was trained under, so every stage keeps one prompt.
+    Returns the line to print (what was adopted, or what differs), None when nothing needs saying."""
+    if trained is None:
+        return None
+    notes = []
+    if not rollout.system_prompt and trained["system_prompt"] != stage_system_prompt(rollout):
+        rollout.system_prompt = trained["system_prompt"]
+        notes.append(f"system prompt: the one {source} was trained under ({trained['system_prompt'][:50]!r}...)")
+    elif trained["system_prompt"] != stage_system_prompt(rollout):
+        notes.append(f"warning: rollout.system_prompt differs from the one {source} was trained under "
+                     f"({trained['system_prompt'][:50]!r}...)")
+    if trained["protocol"] != rollout.protocol:
+        notes.append(f"warning: rollout.protocol {rollout.protocol!r} but {source} was trained under "
+                     f"{trained['protocol']!r} (set --rollout.protocol {trained['protocol']})")
+    return "; ".join(notes) or None
+
+
+def system_prompt_mismatch(records: list[dict], system: str, source: str | None = None) -> str | None:
+    """A one-line warning when SFT records carry their own system turn other than `system` (the one RL and eval
+    sample under): the model would learn the tools under one prompt and be asked under another."""
+    other, first = 0, None
+    for i, rec in enumerate(records):
+        try:
+            messages, _ = sft_messages(rec, record_name(rec, i, source))
+        except DataError:
+            continue  # reported when the record is rendered
+        own = messages[0]["content"] if messages[0]["role"] == "system" else None
+        if isinstance(own, str) and own != system:
+            other += 1
+            first = first or (record_name(rec, i, source), own)
+    if not other:
+        return None
+    name, own = first
+    return (f"{other} of {len(records)} SFT records carry a system prompt other than the one RL and eval use "
+            f"(first at {name}: {own[:60]!r}...); set rollout.system_prompt to it so every stage uses the same")
+
+
 def sft_sample(rec: dict, processor: ChatProcessor, base_dir: str | Path | None = None, name: str = "sample",
-               max_image_pixels: int = MAX_IMAGE_PIXELS) -> Sample:
-    """One SFT record -> Sample (loss mask 1 on assistant tokens only)."""
+               max_image_pixels: int = MAX_IMAGE_PIXELS, system: str | None = None) -> Sample:
+    """One SFT record -> Sample (loss mask 1 on assistant tokens only). system: the system turn of a record
+    without one (stage_system_prompt; None: chat.DEFAULT_SYSTEM)."""
     messages, images = sft_messages(rec, name)
     messages, pil = _load_images(messages, images, base_dir, name, max_image_pixels)
+    extra = {} if system is None else {"default_system": system}
     try:
-        r = render_chat(processor, messages, pil, base_dir=base_dir, train_roles=("assistant",), name=name)
+        r = render_chat(processor, messages, pil, base_dir=base_dir, train_roles=("assistant",), name=name, **extra)
     except ChatFormatError as e:
         raise DataError(str(e)) from None
     if not any(r.loss_mask):
@@ -296,9 +350,9 @@ def sft_sample(rec: dict, processor: ChatProcessor, base_dir: str | Path | None 
 
 
 def sft_samples(records: list[dict], processor: ChatProcessor, base_dir: str | Path | None = None, source: str | None = None,
-                max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[Sample]:
+                max_image_pixels: int = MAX_IMAGE_PIXELS, system: str | None = None) -> list[Sample]:
     """Render SFT records (from load_jsonl) into Samples named "file.jsonl:LINE". Bad records raise DataError."""
-    return [sft_sample(rec, processor, base_dir, record_name(rec, i, source), max_image_pixels)
+    return [sft_sample(rec, processor, base_dir, record_name(rec, i, source), max_image_pixels, system)
             for i, rec in enumerate(records)]
 
 

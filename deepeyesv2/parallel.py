@@ -189,8 +189,8 @@ class SingleProcess:
         return clip_and_step(self.policy, opt, sched, max_norm)
 
     def save_checkpoint(self, out_dir: str | Path, step: int, processor, opt, sched, data_state: DataState | dict | None,
-                        extra: dict | None = None) -> Path | None:
-        return save_checkpoint(out_dir, step, self.policy, processor, opt, sched, data_state, extra)
+                        extra: dict | None = None, protocol: dict | None = None) -> Path | None:
+        return save_checkpoint(out_dir, step, self.policy, processor, opt, sched, data_state, extra, protocol=protocol)
 
     def load_checkpoint(self, ckpt_dir: str | Path, opt, sched) -> tuple[int, DataState | None, dict]:
         # verify=False: deepeyesv2.checkpoint.prepare_run_dir chose this checkpoint because it verified
@@ -293,7 +293,7 @@ class DataParallel:
         return [names[id(p)] for g in opt.param_groups for p in g["params"]]
 
     def save_checkpoint(self, out_dir: str | Path, step: int, processor, opt, sched, data_state: DataState | dict | None,
-                        extra: dict | None = None) -> Path | None:
+                        extra: dict | None = None, protocol: dict | None = None) -> Path | None:
         """Collective: every rank must call it. Rank 0 writes the same layout as a single-process run."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
@@ -303,7 +303,8 @@ class DataParallel:
         path = None
         if self.rank == 0:
             path = save_checkpoint(out_dir, step, _GatheredModel(self.policy, model_sd), processor,
-                                   _GatheredOptimizer(_fqn_to_index(optim_sd, self._param_fqns(opt))), sched, data_state, extra)
+                                   _GatheredOptimizer(_fqn_to_index(optim_sd, self._param_fqns(opt))), sched, data_state, extra,
+                                   protocol=protocol)
         dist.barrier()
         return path
 

@@ -33,13 +33,13 @@ from deepeyesv2_kernels import fused_linear_grpo_loss, group_advantages
 from deepeyesv2_rollout.types import Prompt, Trajectory, logprob_temperature
 
 from . import parallel
-from .checkpoint import prepare_run_dir, say
+from .checkpoint import launch_rank0, prepare_run_dir, read_protocol, say
 from .config import Config, to_dict, validate
-from .data import DataState, ShuffledIterator, load_prompts
+from .data import DataState, ShuffledIterator, adopt_trained_protocol, load_prompts, trained_protocol
 from .lora import is_lora
 from .metrics import (MetricsLogger, UpdateCounter, check_reporters, console, no_update_cause, peak_memory_bytes,
                       quiet_hf_progress, step_line)
-from .model import build_model, packed_hidden, unwrap_model
+from .model import PRESETS, build_model, packed_hidden, resolve_model_path, unwrap_model
 from .optim import build_optimizer, extend_schedule
 from .packing import PackedBatch, Sample, pack_by_budget
 from .parallel import all_gather_ints, all_sum, all_weighted_mean
@@ -292,6 +292,10 @@ def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, proce
     torch.manual_seed(cfg.train.seed)
     if model is None:
         model, processor = build_model(cfg.model)
+    if cfg.model.name_or_path not in PRESETS:  # a checkpoint of ours says which prompt it was trained under
+        trained = read_protocol(resolve_model_path(cfg.model.name_or_path, announce=False))
+        if (note := adopt_trained_protocol(cfg.rollout, trained, cfg.model.name_or_path)) and launch_rank0():
+            say(f"deepeyesv2 rl: {note}")
     if is_lora(model) and cfg.rollout.engine == "sglang":
         raise ValueError("model.lora_rank > 0 with rollout.engine='sglang' is not supported (SGLang would need "
                          "merged weights each step); use rollout.engine='embedded'")
@@ -375,7 +379,8 @@ def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, proce
             bar.set_postfix(reward=f"{last['reward']:.3f}", tools=f"{last['tool_call_rate']:.2f}")
             if step % cfg.train.save_every == 0 or step == cfg.train.steps:
                 saved = par.save_checkpoint(out, step, processor, opt, sched, order.state,
-                                            {"stage": "rl", "steps_without_update": updates.steps_without_update})
+                                            {"stage": "rl", "steps_without_update": updates.steps_without_update},
+                                            protocol=trained_protocol(cfg.rollout))
                 if main:
                     console(f"deepeyesv2: saved checkpoint to {saved}", bar)
         if last:

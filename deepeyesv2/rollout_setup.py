@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from deepeyesv2_rollout.engine import EmbeddedEngine
 from deepeyesv2_rollout.episode import EpisodeLimits, run_episodes
+from deepeyesv2_rollout.protocol import OURS, ProtocolProfile, get_profile
 from deepeyesv2_rollout.sglang_engine import SGLangEngine  # imports sglang itself only when started
 from deepeyesv2_rollout.tools.registry import default_registry
 from deepeyesv2_rollout.tools.sandbox import SandboxLimits, SandboxPool
 from deepeyesv2_rollout.types import Prompt, SamplingParams, Trajectory
 
 from .config import Config
+from .data import stage_system_prompt
 from .model import PRESETS, resolve_model_path
 from .precision import autocast_dtype
 
@@ -32,6 +34,8 @@ class Rollouts:
     schedule: str = "async"  # run_episodes' schedule: async (per-episode loops) | turn_sync
     tool_workers: int | None = None  # tool-pool threads; None: one per episode
     tool_timeout_s: float | None = None  # a tool call past this ends its episode; None: the tools' own limits
+    profile: ProtocolProfile = OURS  # the turn layout (rollout.protocol); `sampling` carries its stops and bans
+    system_prompt: str = OURS.system_prompt  # every prompt's system turn unless its messages bring one
     _offset: int = field(default=0, repr=False)
 
     def run(self, prompts: list[Prompt], group_size: int, sampling: SamplingParams | None = None, *,
@@ -42,6 +46,7 @@ class Rollouts:
         its seeds and group ids are those the prompts would get in one call over the whole round, so the ranks
         together sample what a single process would."""
         round_size = len(prompts) if round_size is None else round_size
+        prompts = [replace(p, system=self.system_prompt) for p in prompts]  # one system prompt for every stage
         sp = sampling or self.sampling
         sp = SamplingParams(**{**sp.__dict__, "seed": self.seed + self._offset})
         trajs = []
@@ -50,7 +55,8 @@ class Rollouts:
                                  sp, self.limits, pool=self.pool, progress=self.progress,
                                  required_tools=self.required_tools, group_id_offset=self._offset + slice_start,
                                  seed_index_offset=slice_start * group_size, schedule=self.schedule,
-                                 max_tool_workers=self.tool_workers, tool_timeout_s=self.tool_timeout_s)
+                                 max_tool_workers=self.tool_workers, tool_timeout_s=self.tool_timeout_s,
+                                 profile=self.profile)
         self._offset += round_size
         return trajs
 
@@ -97,6 +103,12 @@ def make_engine(model, processor, cfg: Config):
 
 
 def make_rollouts(model, processor, cfg: Config, progress: bool | None = None) -> Rollouts:
+    profile = get_profile(cfg.rollout.protocol)
+    bans = profile.sampling_fields(processor)["banned_sequences"]
+    if cfg.rollout.engine == "sglang" and bans:
+        raise ValueError(f"rollout.protocol {profile.name!r} bans strings of several tokens in this vocabulary "
+                         f"({[processor.decode(list(b)) for b in bans]}), which SGLang cannot (logit bias bans single "
+                         f"tokens); use rollout.engine: embedded")
     pool = SandboxPool(size=cfg.rollout.sandbox_workers, limits=SandboxLimits(timeout_s=cfg.rollout.code_timeout_s))
     return Rollouts(
         engine=make_engine(model, processor, cfg),
@@ -104,7 +116,7 @@ def make_rollouts(model, processor, cfg: Config, progress: bool | None = None) -
         registry=default_registry(),
         pool=pool,
         sampling=SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                max_new_tokens=cfg.rollout.max_new_tokens),
+                                max_new_tokens=cfg.rollout.max_new_tokens, **profile.sampling_fields(processor)),
         limits=EpisodeLimits(max_turns=cfg.rollout.max_turns, max_total_tokens=cfg.rollout.max_total_tokens,
                              max_images=cfg.rollout.max_images),
         progress=cfg.train.progress if progress is None else progress,
@@ -112,4 +124,6 @@ def make_rollouts(model, processor, cfg: Config, progress: bool | None = None) -
         schedule=cfg.rollout.schedule,
         tool_workers=cfg.rollout.tool_workers or None,
         tool_timeout_s=cfg.rollout.tool_timeout_s,
+        profile=profile,
+        system_prompt=stage_system_prompt(cfg.rollout),
     )

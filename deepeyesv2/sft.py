@@ -9,6 +9,7 @@ the [T, V] logits are never materialised.
 from __future__ import annotations
 
 import random
+import warnings
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,7 +20,8 @@ from tqdm.auto import tqdm
 from . import parallel
 from .checkpoint import prepare_run_dir, say
 from .config import Config, to_dict, validate
-from .data import DataState, load_jsonl, sft_samples
+from .data import (DataState, DataWarning, load_jsonl, sft_samples, stage_system_prompt, system_prompt_mismatch,
+                   trained_protocol)
 from .metrics import (MetricsLogger, UpdateCounter, check_reporters, console, no_update_cause, peak_memory_bytes,
                       quiet_hf_progress, step_line)
 from .model import build_model
@@ -77,8 +79,11 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
             raise ValueError("data.train_path is required for SFT (a JSONL of trajectories)")
         path = Path(cfg.data.train_path)
         records = load_jsonl(path, max_bad_lines=cfg.data.max_bad_lines)
+        system = stage_system_prompt(cfg.rollout)
+        if (note := system_prompt_mismatch(records, system, source=path.name)) is not None:
+            warnings.warn(note, DataWarning, stacklevel=2)
         samples = sft_samples(records, processor, base_dir=cfg.data.image_root or path.parent, source=path.name,
-                              max_image_pixels=cfg.data.max_image_pixels)
+                              max_image_pixels=cfg.data.max_image_pixels, system=system)
     image_token_id = model.config.image_token_id
     par = parallel.setup(model)  # FSDP2 under torchrun with > 1 ranks, else the single-process object
     rows_per_step = cfg.train.rows_per_step * cfg.optim.grad_accum
@@ -134,7 +139,8 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % cfg.train.save_every == 0 or step == total_steps:
             saved = par.save_checkpoint(out, step, processor, opt, sched, state,
-                                        {"stage": "sft", "steps_without_update": updates.steps_without_update})
+                                        {"stage": "sft", "steps_without_update": updates.steps_without_update},
+                                        protocol=trained_protocol(cfg.rollout))
             if par.is_main:
                 console(f"deepeyesv2: saved checkpoint to {saved}", bar)
     bar.close()

@@ -1,6 +1,7 @@
 """`deepeyesv2 check-data FILE`: validate an SFT or RL data file before training on it.
 
     deepeyesv2 check-data data.jsonl [--kind auto|sft|rl] [--image-root DIR] [--model tiny] [--max-problems 20]
+                                     [--protocol ours|deepeyesv2] [--system-prompt TEXT]
 
 It runs the loaders the trainer runs (`deepeyesv2.data`: JSONL / JSON-array parsing, SFT rendering with image
 and `<image>` placeholder checks, RL prompt validation with image headers) on every record instead of stopping
@@ -9,8 +10,9 @@ at the first bad one, and adds what the loaders accept but training would silent
   - SFT trajectories whose assistant turns break the tool protocol (`deepeyesv2_rollout.protocol.format_ok`, the
     rule the format reward applies): e.g. an `<answer>` without `<think>` trains the policy to write turns that
     score format 0;
-  - SFT system prompts other than the one RL rollouts use (`protocol.SYSTEM_PROMPT`), or none (rendered under
-    chat.DEFAULT_SYSTEM): SFT then teaches under another prompt than RL samples with;
+  - SFT system prompts other than the one every stage uses (`--system-prompt`, else the `--protocol` profile's,
+    as rollout.system_prompt / rollout.protocol): SFT would teach under another prompt than RL and eval sample
+    with (records without one get the stage's);
   - RL questions that hold `<image>` placeholders (the rollout puts the record's images before the question
     itself, so the placeholders would be doubled), and record keys RL does not read (`system`, ...).
 
@@ -30,8 +32,8 @@ from pathlib import Path
 
 from deepeyesv2.data import DataError, DataWarning, load_jsonl, prompt_record, record_name, sft_messages, sft_sample
 from deepeyesv2.model import load_processor
-from deepeyesv2_rollout.chat import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER
-from deepeyesv2_rollout.protocol import SYSTEM_PROMPT, format_ok, parse_action, turn_format_ok
+from deepeyesv2_rollout.chat import IMAGE_PLACEHOLDER
+from deepeyesv2_rollout.protocol import PROFILES, SYSTEM_PROMPT, format_ok, get_profile, parse_action, turn_format_ok
 
 RL_KEYS = ("id", "question", "answer", "images", "category", "answer_type")
 
@@ -47,7 +49,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     tokens: list[int] = field(default_factory=list)
-    first_system_mismatch: str = ""  # SFT: the first record whose system prompt is not the rollout's
+    first_system_mismatch: str = ""  # SFT: the first record whose system prompt is another than the stage's
 
 
 def detect_kind(records: list[dict]) -> str:
@@ -92,22 +94,22 @@ def protocol_slip(turns: list[str]) -> str | None:
     return "the trajectory does not follow the protocol"
 
 
-def check_sft(records: list[dict], processor, base_dir: Path, rep: Report) -> None:
+def check_sft(records: list[dict], processor, base_dir: Path, rep: Report, stage_prompt: str = SYSTEM_PROMPT) -> None:
     for i, rec in enumerate(records):
         name = record_name(rec, i)
         rep.records += 1
         try:
             messages, _ = sft_messages(rec, name)
-            sample = sft_sample(rec, processor, base_dir, name)
+            sample = sft_sample(rec, processor, base_dir, name, system=stage_prompt)
         except DataError as e:
             rep.problems.append(str(e))
             continue
         rep.tokens.append(len(sample.input_ids))
         rep.counts["images"] += 0 if sample.image_grid_thw is None else len(sample.image_grid_thw)
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
-        rep.counts["system: the rollout's" if system == SYSTEM_PROMPT else
+        rep.counts["system: the stage's" if system == stage_prompt else
                    "system: none" if system is None else "system: another"] += 1
-        if system != SYSTEM_PROMPT and not rep.first_system_mismatch:
+        if system is not None and system != stage_prompt and not rep.first_system_mismatch:
             rep.first_system_mismatch = name
         turns = [_text(m["content"]) for m in messages if m["role"] == "assistant"]
         slip = protocol_slip(turns)
@@ -117,11 +119,10 @@ def check_sft(records: list[dict], processor, base_dir: Path, rep: Report) -> No
             continue
         rep.counts["tool turns"] += len(turns) - 1
         rep.ok += 1
-    other, none = rep.counts["system: another"], rep.counts["system: none"]
-    if other or none:
-        rep.notes.append(f"{other + none} record(s) train under another system prompt than RL rollouts use "
-                         f"(deepeyesv2_rollout.protocol.SYSTEM_PROMPT): {other} another, {none} none (rendered "
-                         f"under {DEFAULT_SYSTEM!r}); first at {rep.first_system_mismatch}")
+    if other := rep.counts["system: another"]:
+        rep.notes.append(f"{other} record(s) train under another system prompt than every stage uses "
+                         f"(--system-prompt, else the protocol's; rollout.system_prompt in training): first at "
+                         f"{rep.first_system_mismatch}; set rollout.system_prompt to it so RL and eval use it too")
 
 
 def check_rl(records: list[dict], base_dir: Path, rep: Report) -> None:
@@ -163,7 +164,7 @@ def summary(path: Path, rep: Report, max_problems: int) -> str:
             parts.append(f"tokens per record {min(rep.tokens)} / {int(statistics.median(rep.tokens))} / "
                          f"{max(rep.tokens)} (min / median / max)")
         parts.append("system prompt: " + ", ".join(f"{rep.counts[k]} {k.removeprefix('system: ')}"
-                                                   for k in ("system: the rollout's", "system: another", "system: none")))
+                                                   for k in ("system: the stage's", "system: another", "system: none")))
         lines += ["  " + p for p in parts]
     else:
         lines.append(f"  {rep.counts['images']} image(s); " + ", ".join(
@@ -175,7 +176,8 @@ def summary(path: Path, rep: Report, max_problems: int) -> str:
     return "\n".join(lines)
 
 
-def check_file(path: Path, kind: str = "auto", image_root: str = "", model: str = "tiny") -> Report:
+def check_file(path: Path, kind: str = "auto", image_root: str = "", model: str = "tiny",
+               stage_prompt: str = SYSTEM_PROMPT) -> Report:
     """Every record of `path` through the trainer's loaders and the checks above. DataError when the file itself
     cannot be read (missing, not UTF-8, not a JSON array)."""
     with warnings.catch_warnings(record=True) as caught:  # corrupt lines: counted and listed, not fatal here
@@ -187,7 +189,7 @@ def check_file(path: Path, kind: str = "auto", image_root: str = "", model: str 
     rep.problems += [str(w.message).split("; max_bad_lines=")[0] for w in caught if issubclass(w.category, DataWarning)]
     base = Path(image_root) if image_root else path.parent
     if kind == "sft":
-        check_sft(records, load_processor(model), base, rep)  # tokenizer + image processor, as sft.py renders with
+        check_sft(records, load_processor(model), base, rep, stage_prompt)  # tokenizer + image processor, as sft.py renders with
     else:
         check_rl(records, base, rep)
     if not records:
@@ -204,9 +206,13 @@ def main(argv: list[str] | None = None) -> int:
                                                      "default: the file's folder)")
     ap.add_argument("--model", default="tiny", help="the processor SFT records are rendered with (model.name_or_path)")
     ap.add_argument("--max-problems", type=int, default=20, help="problems listed (all are counted)")
+    ap.add_argument("--protocol", choices=tuple(PROFILES), default="ours",
+                    help="the rollout.protocol the data is for (its system prompt is the default stage prompt)")
+    ap.add_argument("--system-prompt", default="", help="the rollout.system_prompt training will use (default: the protocol's)")
     args = ap.parse_args(argv)
     try:
-        rep = check_file(args.file, args.kind, args.image_root, args.model)
+        stage_prompt = args.system_prompt or get_profile(args.protocol).system_prompt
+        rep = check_file(args.file, args.kind, args.image_root, args.model, stage_prompt)
     except (DataError, ValueError) as e:
         print(f"deepeyesv2 check-data: {e}", file=sys.stderr)
         return 2

@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from deepeyesv2.config import (Config, JudgeConfig, ModelConfig, check_values, constraints, integer, number, one_of,
-                               optional)
+from deepeyesv2.config import (PROTOCOLS, Config, JudgeConfig, ModelConfig, check_values, constraints, integer, number,
+                               one_of, optional)
 from deepeyesv2.data import DataError, load_prompts
 from deepeyesv2.judge import JudgeClient
-from deepeyesv2.model import build_model, resolve_model_path
+from deepeyesv2.checkpoint import read_protocol
+from deepeyesv2.model import PRESETS, build_model, resolve_model_path
 from deepeyesv2.rewards import RewardResult, build_reward_fn
 from deepeyesv2.rollout_setup import make_rollouts
 from deepeyesv2.scoring import TRANSCRIPT_CHARS, by_category, rollout_and_score, summarize, transcript
@@ -71,6 +72,8 @@ class EvalSettings:
     code_timeout_s: float = 20.0
     dtype: str = "float32"
     progress: bool = True
+    protocol: str | None = None  # turn layout (rollout.protocol); None: the checkpoint's (protocol.json), else ours
+    system_prompt: str | None = None  # None: the one the checkpoint was trained under, else the protocol's
 
 
 def check_settings(s: EvalSettings) -> None:
@@ -82,6 +85,7 @@ def check_settings(s: EvalSettings) -> None:
         "--seed": (s.seed, integer(0)), "--sandbox-workers": (s.sandbox_workers, integer(0)),
         "code_timeout_s": (s.code_timeout_s, number(0, lo_open=True)),  # no flag: set from Python only
         "--dtype": (s.dtype, one_of("float32", "bfloat16", "float16")),
+        "--protocol": (s.protocol, optional(one_of(*PROTOCOLS))),
     })
     if is_url(s.judge):
         c = constraints()
@@ -180,9 +184,13 @@ def eval_table(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- building
-def build_rollouts(model, processor, s: EvalSettings):
-    """The RL rollout stack (deepeyesv2.rollout_setup.make_rollouts) with evaluation limits."""
+def build_rollouts(model, processor, s: EvalSettings, trained: dict | None = None):
+    """The RL rollout stack (deepeyesv2.rollout_setup.make_rollouts) with evaluation limits, under the protocol
+    and system prompt of the flags, else of the checkpoint (`trained`: checkpoint.read_protocol), else ours."""
     cfg = Config()
+    trained = trained or {}
+    cfg.rollout.protocol = s.protocol or trained.get("protocol", cfg.rollout.protocol)
+    cfg.rollout.system_prompt = s.system_prompt if s.system_prompt is not None else trained.get("system_prompt", "")
     cfg.rollout.max_turns, cfg.rollout.max_new_tokens = s.max_turns, s.max_new_tokens
     cfg.rollout.max_total_tokens, cfg.rollout.temperature = s.max_total_tokens, s.temperature
     cfg.rollout.sandbox_workers, cfg.rollout.code_timeout_s = s.sandbox_workers, s.code_timeout_s
@@ -209,13 +217,15 @@ def evaluate_checkpoint(s: EvalSettings) -> dict:
     model_path = resolve_model_path(s.model, what="--model")
     model, processor = build_model(ModelConfig(name_or_path=model_path, dtype=s.dtype))
     model.eval()
-    rollouts = build_rollouts(model, processor, s)
+    trained = read_protocol(model_path) if model_path not in PRESETS else None
+    rollouts = build_rollouts(model, processor, s, trained)
     t0 = time.perf_counter()
     try:
         result = run_eval(rollouts, processor, prompts, reward_fn, s.samples, s.temperature, s.seed, judge=client)
     finally:
         rollouts.close()
-    result["settings"] = {**asdict(s), "model_path": model_path}
+    result["settings"] = {**asdict(s), "model_path": model_path, "protocol": rollouts.profile.name,
+                          "system_prompt": rollouts.system_prompt}
     result["seconds"] = time.perf_counter() - t0
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,6 +266,10 @@ def parse_args(argv: list[str] | None) -> EvalSettings:
     ap.add_argument("--corpus", default=None, help="search corpus JSONL (default: the shipped corpus)")
     ap.add_argument("--sandbox-workers", type=int, default=d.sandbox_workers)
     ap.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                    help="turn layout (default: the checkpoint's, else ours); deepeyesv2 for the released checkpoints")
+    ap.add_argument("--system-prompt", default=None,
+                    help="system turn of every prompt (default: the one the checkpoint was trained under, else the protocol's)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     return EvalSettings(model=a.model, data=a.data, samples=a.samples, temperature=a.temperature, out=a.out,
@@ -264,7 +278,8 @@ def parse_args(argv: list[str] | None) -> EvalSettings:
                         judge_retries=a.judge_retries, judge_on_failure=a.judge_on_failure,
                         judge_free_form=not a.judge_typed_only, reward=a.reward, max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,
                         max_total_tokens=a.max_total_tokens, limit=a.limit, seed=a.seed, image_root=a.image_root,
-                        corpus=a.corpus, sandbox_workers=a.sandbox_workers, dtype=a.dtype, progress=not a.no_progress)
+                        corpus=a.corpus, sandbox_workers=a.sandbox_workers, dtype=a.dtype, progress=not a.no_progress,
+                        protocol=a.protocol, system_prompt=a.system_prompt)
 
 
 def main(argv: list[str] | None = None) -> int:

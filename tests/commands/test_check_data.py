@@ -48,7 +48,7 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
 def test_shipped_examples_pass(capsys):
     rc, out, _ = _run(capsys, str(REPO / "examples" / "data" / "sft.jsonl"))
     assert rc == 0, out
-    assert "SFT data, 16 record(s): 16 ok, 0 with problems" in out and "16 the rollout's" in out
+    assert "SFT data, 16 record(s): 16 ok, 0 with problems" in out and "16 the stage's" in out
     rc, out, _ = _run(capsys, str(REPO / "examples" / "data" / "rl.jsonl"))
     assert rc == 0 and "RL data, 8 record(s): 8 ok" in out, out
 
@@ -61,7 +61,7 @@ def test_sft_problems_named_by_line(tmp_path, capsys):
         "{not json",                                                      # 3: corrupt line
         _sft(SYSTEM_PROMPT, ANSWER_TURN, user="<image><image>How many?"),  # 4: two placeholders, one image
         _sft(SYSTEM_PROMPT, ANSWER_TURN, images=("images/missing.png",)),  # 5: image not found
-        _sft(None, ANSWER_TURN),                                          # 6: fine, but no system prompt (a note)
+        _sft("Another prompt.", ANSWER_TURN),                             # 6: fine, but another system prompt (a note)
         _sft(SYSTEM_PROMPT, CODE_TURN),                                   # 7: ends on a code call, no answer
         _sft(SYSTEM_PROMPT, ANSWER_TURN, ANSWER_TURN),                    # 8: answers before the last turn
     ])
@@ -75,8 +75,11 @@ def test_sft_problems_named_by_line(tmp_path, capsys):
     assert "sft.jsonl:5:" in out and "missing.png" in out
     assert "sft.jsonl:7: protocol: assistant turn 1 of 1 is the last but does not <answer>" in out
     assert "sft.jsonl:8: protocol: assistant turn 1 of 2 answers before the last turn" in out
-    assert "sft.jsonl:6" not in out.split("problems (")[1]  # a missing system prompt is a note, not a problem
+    assert "sft.jsonl:6" not in out.split("problems (")[1]  # another system prompt is a note, not a problem
     assert "1 record(s) train under another system prompt" in out and "first at sft.jsonl:6" in out
+    assert "set rollout.system_prompt to it" in out
+    rc, out, _ = _run(capsys, str(f), "--system-prompt", "Another prompt.")  # the prompt training will use
+    assert "first at sft.jsonl:1" in out  # now the records under SYSTEM_PROMPT are the other ones
     assert "1 tool-call turn(s)" in out
 
 
