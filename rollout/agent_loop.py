@@ -91,19 +91,16 @@ async def _episode(engine: Engine, runner: EpisodeRunner, ep: _Episode, seed: in
                 break
             call = ToolCall(ep.pending, ep.session, ep.input_images)
             if call.action.kind == "invalid":  # no tool runs: the feedback is made here
-                out = runner.apply_tool(ep, call, runner.call_tool(call))
+                runner.apply_tool(ep, call, runner.call_tool(call))
             else:
                 fut = tools.submit(runner.call_tool, call)
                 waiter = asyncio.wrap_future(fut, loop=loop)
                 done, _ = await asyncio.wait([waiter], timeout=tool_timeout_s)
                 if not done:
                     waiter.cancel()  # the call itself keeps running; its late outcome is dropped
-                    runner.tool_overdue(ep, tool_timeout_s)
-                    tools.abandon(ep, call, fut)
+                    runner.tool_overdue(ep, call, fut, tools, tool_timeout_s)
                     break
-                out = runner.apply_tool(ep, call, fut.result())
-            if out is not None and not ep.done:
-                runner.guarded("observation", runner.add_observation, ep, *out)
+                runner.apply_tool(ep, call, fut.result())
             if ep.done:
                 break
     finally:

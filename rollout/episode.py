@@ -281,25 +281,26 @@ class EpisodeRunner:
                                 output=text)
         return ToolOutcome(record, text, images)
 
-    def apply_tool(self, ep: _Episode, call: ToolCall, out: ToolOutcome) -> tuple[str, list[Image.Image]] | None:
-        """The loop's side of a finished call: record it on the episode. Returns (text, images) for the
-        observation, or None when the call failed (the episode then ends with tool_error)."""
+    def apply_tool(self, ep: _Episode, call: ToolCall, out: ToolOutcome) -> None:
+        """The loop's side of a finished call (both schedules): record it on the episode, then append the
+        observation; a failed call ends the episode with tool_error instead."""
         ep.session = call.session
         if out.record is not None:
             ep.tool_calls.append(out.record)
         ep.pending = None
         if out.error is not None:
             self.fail(ep, "tool", out.error)
-            return None
-        return out.text, out.images
+        elif not ep.done:
+            self.guarded("observation", self.add_observation, ep, out.text, out.images)
 
-    def tool_overdue(self, ep: _Episode, timeout_s: float) -> None:
+    def tool_overdue(self, ep: _Episode, call: ToolCall, fut, tools: ToolPool, timeout_s: float) -> None:
         """A call that did not return within `timeout_s`: recorded as a timeout, the episode ends with
-        tool_error. The caller abandons the call (its late outcome is discarded and its new session closed)."""
+        tool_error, and the call is abandoned (its late outcome discarded, its new session closed)."""
         action = ep.pending
         msg = f"{action.tool_name} did not return within tool_timeout_s={timeout_s:g}"
         ep.tool_calls.append(ToolCallRecord(action.tool_name, action.tool_args, "timeout", float(timeout_s), msg))
         self.fail(ep, "tool", TimeoutError(msg))
+        tools.abandon(ep, call, fut)
 
     def apply_result(self, ep: _Episode, res: GenerateResult) -> None:
         """The engine's answer to this episode's request: a malformed result is the engine's bug (raised, it ends
@@ -455,12 +456,9 @@ def _run_turn_sync(engine: Engine, runner: EpisodeRunner, episodes: list[_Episod
             left = None if tool_timeout_s is None else max(0.0, started + tool_timeout_s - time.monotonic())
             done, _ = wait([fut], timeout=left)
             if not done:
-                runner.tool_overdue(ep, tool_timeout_s)
-                tools.abandon(ep, call, fut)
+                runner.tool_overdue(ep, call, fut, tools, tool_timeout_s)
                 continue
-            out = runner.apply_tool(ep, call, fut.result())
-            if out is not None and not ep.done:
-                runner.guarded("observation", runner.add_observation, ep, *out)
+            runner.apply_tool(ep, call, fut.result())
         runner.report(ep for ep, _ in reqs)
         # A finished episode gives its sandbox back now, not at the end of the batch: a large
         # batch would otherwise hold one live worker process per tool-using episode.
