@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -423,6 +424,20 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.resume=True and train.overwrite=True: choose one (resume continues the run in "
                           "train.out_dir, overwrite clears it)")
     return cfg
+
+
+def import_callable(spec: str, label: str) -> Callable:
+    """`package.module:function` (a reward, a judge) -> the function; ValueError naming `label` and the spec."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"{label} must look like 'package.module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{label} {spec!r}: cannot import {attr!r} from {module!r} ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"{label} {spec!r} is not callable")
+    return fn
 
 
 def error_line(e: BaseException) -> str:

@@ -15,7 +15,6 @@ Rules (from DeepEyesV2's released `verl/utils/reward_score/deepeyesv2.py`):
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import string
@@ -27,7 +26,7 @@ from typing import Any, Callable
 from deepeyesv2_rollout.protocol import format_ok as protocol_format_ok
 from deepeyesv2_rollout.types import Trajectory
 
-from .config import REWARD_NAMES
+from .config import REWARD_NAMES, import_callable
 
 ANSWER_TYPES = ("auto", "exact", "numeric", "choice", "judge")
 MAX_ANSWER_CHARS = 300  # DeepEyesV2: `len(answer_text) >= 300` -> accuracy 0 and a format error
@@ -296,13 +295,7 @@ def get_reward_fn(name: str, **params: Any) -> RewardFn:
     if name in REWARD_FNS:
         fn = REWARD_FNS[name]
     elif ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
-        if not callable(fn):
-            raise ValueError(f"reward {name!r} is not callable")
+        fn = import_callable(name, "reward")
     else:
         raise ValueError(f"unknown reward {name!r}: use one of {sorted(REWARD_FNS)} or 'package.module:function'")
     params = {k: v for k, v in params.items() if v is not None}

@@ -22,16 +22,14 @@ and the images' sizes; with an endpoint judge, its request, failure and cache-hi
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from deepeyesv2.config import (PROTOCOLS, Config, JudgeConfig, ModelConfig, check_values, constraints, integer, number,
-                               one_of, optional)
+                               import_callable, one_of, optional)
 from deepeyesv2.data import DataError, load_prompts
 from deepeyesv2.judge import JudgeClient
 from deepeyesv2.checkpoint import read_protocol
@@ -107,20 +105,6 @@ def judge_config(s: EvalSettings) -> JudgeConfig:
     return replace(JudgeConfig(), url=s.judge or "", model=s.judge_model, temperature=s.judge_temperature,
                    concurrency=s.judge_concurrency, timeout_s=s.judge_timeout_s, retries=s.judge_retries,
                    on_failure=s.judge_on_failure, free_form=s.judge_free_form)
-
-
-def load_callable(spec: str, what: str = "judge") -> Callable:
-    """`package.module:function` -> the function; ValueError naming the spec otherwise."""
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"--{what} must look like 'package.module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--{what} {spec!r}: cannot import {attr!r} from {module!r} ({e})") from None
-    if not callable(fn):
-        raise ValueError(f"--{what} {spec!r} is not callable")
-    return fn
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -209,7 +193,7 @@ def evaluate_checkpoint(s: EvalSettings) -> dict:
     if not Path(s.data).is_file():
         raise ValueError(f"--data {s.data!r}: file not found")
     client = JudgeClient(judge_config(s)) if is_url(s.judge) else None
-    judge = client or (load_callable(s.judge) if s.judge else None)
+    judge = client or (import_callable(s.judge, "--judge") if s.judge else None)
     reward_fn = build_reward_fn(s.reward, judge, s.judge_free_form)
     prompts = load_prompts(s.data, image_root=s.image_root)
     if s.limit is not None:

@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 
 from deepeyesv2.data import load_prompts
-from deepeyesv2.commands.eval import (aggregate, eval_table, item_record, judge_config, load_callable, main, parse_args,
+from deepeyesv2.commands.eval import (aggregate, eval_table, item_record, judge_config, main, parse_args,
                                      resolve_model_path, run_eval)
-from deepeyesv2.config import JudgeConfig
+from deepeyesv2.config import JudgeConfig, import_callable
 from deepeyesv2.judge import JudgeClient
 from deepeyesv2.model import load_processor
 from deepeyesv2.rewards import RewardResult, build_reward_fn, get_reward_fn
@@ -298,11 +298,11 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "answer" in capsys.readouterr().err
     with pytest.raises(ValueError, match="neither a preset"):
         resolve_model_path(str(tmp_path))
-    with pytest.raises(ValueError, match="module:function"):
-        load_callable("no_colon")
-    with pytest.raises(ValueError, match="cannot import"):
-        load_callable("math:no_such_function")
-    assert load_callable("math:isclose")(1.0, 1.0)
+    with pytest.raises(ValueError, match="--judge must look like 'package.module:function'"):
+        import_callable("no_colon", "--judge")
+    with pytest.raises(ValueError, match="--judge 'math:no_such_function': cannot import"):
+        import_callable("math:no_such_function", "--judge")
+    assert import_callable("math:isclose", "--judge")(1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------- the sample
