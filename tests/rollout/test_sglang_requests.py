@@ -59,3 +59,84 @@ def test_agenerate_and_submit(proc):
         asyncio.run(eng.agenerate(GenerateRequest(req.token_ids, forced_tokens=[1]), sp))
     eng.shutdown()
     assert fake.calls[-1] == ("shutdown",)
+
+
+class LatencySGL:
+    """A stand-in sgl.Engine whose async_generate takes a per-request latency (from the request's context) and
+    answers with a scripted turn: episodes' requests are in flight together, and finish out of order."""
+
+    def __init__(self, proc: ChatProcessor, turns, latency):
+        self.proc, self.turns, self.latency = proc, turns, latency
+        self.in_flight = self.max_in_flight = 0
+        self.finished: list[str] = []
+
+    async def async_generate(self, input_ids, sampling_params, return_logprob=False, image_data=None):
+        text = self.proc.decode(input_ids)
+        turn = text.count("<|im_start|>assistant") - 1
+        key = text.split("Q", 1)[1].split("?", 1)[0]  # the prompt's number
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.latency(int(key), turn))
+        finally:
+            self.in_flight -= 1
+        self.finished.append(f"{key}:{turn}")
+        out = self.proc.encode(self.turns[turn])
+        return {"output_ids": out, "meta_info": {
+            "prompt_tokens": len(input_ids), "cached_tokens": 0, "completion_tokens": len(out),
+            "output_token_logprobs": [(-0.25, t, None) for t in out], "finish_reason": {"type": "stop", "matched": None}}}
+
+    def generate(self, input_ids, sampling_params, return_logprob=False, image_data=None):
+        async def batch():  # a batch is served together, as SGLang would
+            return await asyncio.gather(*(self.async_generate(ids, p, return_logprob, image_data)
+                                          for ids, p in zip(input_ids, sampling_params)))
+
+        return asyncio.run(batch())
+
+    def shutdown(self):
+        pass
+
+
+def test_episodes_await_sglang_per_request_with_latencies(proc):
+    """The async schedule over SGLangEngine: every episode awaits its own async_generate, so requests with
+    different latencies are in flight together and come back out of order; the trajectories are those of the
+    turn-synchronous schedule over the same engine."""
+    from deepeyesv2_rollout.episode import EpisodeLimits, run_episodes
+    from deepeyesv2_rollout.tools.base import ToolRegistry, ToolResult
+    from deepeyesv2_rollout.types import Prompt
+
+    class Text:
+        def __init__(self, name):
+            self.name = name
+
+        def call(self, args, session):
+            return ToolResult(text=f"{self.name} ok")
+
+    class NoSession:
+        def __init__(self, images):
+            pass
+
+        def close(self):
+            pass
+
+    turns = ['<think>a</think><tool_call>{"name": "search", "arguments": {"query": "q"}}</tool_call>',
+             "<think>b</think><answer>1</answer>"]
+    prompts = [Prompt(id=f"p{i}", question=f"Q{i}?", answer="1") for i in range(4)]
+    registry = ToolRegistry([Text("code"), Text("search"), Text("image_search")])
+    out = {}
+    for schedule in ("async", "turn_sync"):
+        # prompt 0 is the slowest on its first turn, prompt 3 the fastest
+        fake = LatencySGL(proc, turns, lambda k, t: 0.1 * (4 - k) if t == 0 else 0.01)
+        eng = SGLangEngine(None, proc, engine=fake)
+        trajs = run_episodes(eng, proc, registry, prompts, 2, SamplingParams(seed=3), EpisodeLimits(),
+                             progress=False, session_factory=NoSession, schedule=schedule)
+        out[schedule] = (trajs, fake)
+    trajs, fake = out["async"]
+    assert all(t.stop_reason == "answer" for t in trajs)
+    assert fake.max_in_flight == 8  # every episode's first turn was awaited at once
+    first = [f for f in fake.finished if f.endswith(":0")]
+    assert first[:2] == ["3:0", "3:0"] and first[-2:] == ["0:0", "0:0"]  # the fastest came back first
+    # an episode's second turn went out before the slowest first turns were back: no turn barrier
+    assert fake.finished.index("3:1") < fake.finished.index("0:0")
+    for a, b in zip(trajs, out["turn_sync"][0]):
+        assert (a.token_ids, a.loss_mask, a.sample_logprobs) == (b.token_ids, b.loss_mask, b.sample_logprobs)
