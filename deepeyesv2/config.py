@@ -132,6 +132,12 @@ class RolloutConfig:
     max_images: int = setting(
         8, "images per episode (input + tool-returned); the episode stops at a tool output that would exceed it")
     cache_tokens: int = setting(200_000, "prefix-KV cache budget of the embedded engine, in tokens (0 = no cache)")
+    max_running: int = setting(
+        64, "embedded engine: sequences decoding at once (K/V pool slots); further requests wait for a free slot")
+    max_seq_len: int = setting(
+        32768, "embedded engine: context + new tokens one sequence may reach (a K/V slot's length)")
+    prefill_tokens_per_step: int = setting(
+        2048, "embedded engine: context tokens prefilled per scheduler step (longer contexts in chunks)")
     sandbox_workers: int = setting(4, "warm sandbox processes kept ready for code calls")
     code_timeout_s: float = setting(10.0, "wall-clock limit of one code call, seconds")
     schedule: str = setting(
@@ -354,6 +360,9 @@ def constraints() -> dict[str, Check]:
         "rollout.max_total_tokens": integer(1),
         "rollout.max_images": integer(0),
         "rollout.cache_tokens": integer(0),
+        "rollout.max_running": integer(1),
+        "rollout.max_seq_len": integer(1),
+        "rollout.prefill_tokens_per_step": integer(1),
         "rollout.sandbox_workers": integer(0),
         "rollout.code_timeout_s": number(0, lo_open=True),
         "rollout.schedule": one_of(*ROLLOUT_SCHEDULES),

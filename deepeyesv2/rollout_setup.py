@@ -12,7 +12,7 @@ from deepeyesv2_rollout.protocol import OURS, ProtocolProfile, get_profile
 from deepeyesv2_rollout.sglang_engine import SGLangEngine  # imports sglang itself only when started
 from deepeyesv2_rollout.tools.registry import default_registry
 from deepeyesv2_rollout.tools.sandbox import SandboxLimits, SandboxPool
-from deepeyesv2_rollout.types import Prompt, SamplingParams, Trajectory
+from deepeyesv2_rollout.types import BatchingConfig, Prompt, SamplingParams, Trajectory
 
 from .config import Config
 from .data import stage_system_prompt
@@ -90,8 +90,10 @@ def sglang_model_dir(model, processor, cfg: Config) -> str:
 def make_engine(model, processor, cfg: Config):
     if cfg.rollout.engine == "embedded":
         p = next(model.parameters())
+        batching = BatchingConfig(max_running=cfg.rollout.max_running, max_seq_len=cfg.rollout.max_seq_len,
+                                  prefill_tokens_per_step=cfg.rollout.prefill_tokens_per_step)
         return EmbeddedEngine(model, processor, cache_tokens_budget=cfg.rollout.cache_tokens,
-                              autocast_dtype=autocast_dtype(cfg.train.autocast, p.device, p.dtype))
+                              autocast_dtype=autocast_dtype(cfg.train.autocast, p.device, p.dtype), batching=batching)
     if cfg.rollout.engine == "sglang":
         if not 0.0 < cfg.rollout.sglang_mem_fraction < 1.0:
             raise ValueError(f"rollout.sglang_mem_fraction must be in (0, 1), got {cfg.rollout.sglang_mem_fraction}")

@@ -144,19 +144,3 @@ def test_sft_rl_eval_keep_a_sharegpt_sets_own_prompt(tmp_path):
     finally:
         flagged.close()
 
-
-def test_sglang_refuses_a_profile_with_multi_token_bans_up_front():
-    model, proc = build_model(ModelConfig())
-    cfg = Config()
-    cfg.rollout.engine, cfg.rollout.protocol = "sglang", "deepeyesv2"
-    with pytest.raises(ValueError, match=r"bans strings of several tokens .*'<size>'.*rollout\.engine: embedded"):
-        make_rollouts(model, proc, cfg, progress=False)
-
-
-def test_config_names_the_profiles_and_schedules_rollout_has():
-    """config.py imports nothing of rollout's: its allowed names are copies, kept equal here."""
-    from deepeyesv2.config import PROTOCOLS, ROLLOUT_SCHEDULES
-    from deepeyesv2_rollout.episode import SCHEDULES
-    from deepeyesv2_rollout.protocol import PROFILES
-
-    assert PROTOCOLS == tuple(PROFILES) and ROLLOUT_SCHEDULES == SCHEDULES
