@@ -106,11 +106,6 @@ def make_engine(model, processor, cfg: Config):
 
 def make_rollouts(model, processor, cfg: Config, progress: bool | None = None) -> Rollouts:
     profile = get_profile(cfg.rollout.protocol)
-    bans = profile.sampling_fields(processor)["banned_sequences"]
-    if cfg.rollout.engine == "sglang" and bans:
-        raise ValueError(f"rollout.protocol {profile.name!r} bans strings of several tokens in this vocabulary "
-                         f"({[processor.decode(list(b)) for b in bans]}), which SGLang cannot (logit bias bans single "
-                         f"tokens); use rollout.engine: embedded")
     pool = SandboxPool(size=cfg.rollout.sandbox_workers, limits=SandboxLimits(timeout_s=cfg.rollout.code_timeout_s))
     return Rollouts(
         engine=make_engine(model, processor, cfg),

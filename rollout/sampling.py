@@ -83,6 +83,23 @@ def sequence_bans(context: list[int], banned_sequences: tuple[tuple[int, ...], .
     return out
 
 
+def mask_banned_sequences(logits: torch.Tensor, custom_param_list: list[dict | None] | None) -> torch.Tensor:
+    """SGLang's custom-logit-processor contract, for banned token sequences: row i's params hold
+    "banned_sequences" and SGLang's "__req__" (origin_input_ids, output_ids); the tokens that would complete a
+    banned sequence after that row's context get -inf. Other rows are left alone. Returns `logits` (in place)."""
+    for i, params in enumerate(custom_param_list or []):
+        if not params or not params.get("banned_sequences"):
+            continue
+        req = params["__req__"]
+        seqs = tuple(tuple(int(t) for t in s) for s in params["banned_sequences"])
+        tail = max(len(s) for s in seqs)
+        context = (list(req.origin_input_ids[-tail:]) + list(req.output_ids))[-tail:]
+        bans = sequence_bans(context, seqs)
+        if bans:
+            logits[i, bans] = float("-inf")
+    return logits
+
+
 def sample_tokens(
     logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator | None],
     draw_rows: int | None = None, row_bans: list[list[int]] | None = None,

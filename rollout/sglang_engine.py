@@ -7,6 +7,10 @@ prompt's prefill and each turn only prefills what the environment appended. Log-
 log_softmax(logits / T) -- the trainer's quantity. `SGLANG_RETURN_ORIGINAL_LOGPROB=1` would switch them to
 the unscaled distribution and bias the importance ratio, so the adapter refuses to run with it.
 
+Banned token sequences (a banned string of several tokens) go through SGLang's custom logit processor
+(`BannedSequences`, sampling.mask_banned_sequences; the engine starts with enable_custom_logit_processor); single
+banned tokens through logit_bias.
+
 `sglang` is imported lazily in __init__; pass `engine=` to inject a stand-in (tests use a fake backed by
 the tiny HF model).
 """
@@ -21,8 +25,19 @@ from typing import Any
 import torch
 
 from .qwen import ChatProcessor
-from .sampling import StopChecker, stop_token_sets
+from .sampling import StopChecker, mask_banned_sequences, stop_token_sets
 from .types import GenerateRequest, GenerateResult, SamplingParams
+
+
+def banned_sequences_processor() -> str:
+    """SGLang's serialized custom logit processor masking banned token sequences (imports sglang: GPU only)."""
+    from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+
+    class BannedSequences(CustomLogitProcessor):
+        def __call__(self, logits, custom_param_list=None):
+            return mask_banned_sequences(logits, custom_param_list)
+
+    return BannedSequences.to_str()
 
 
 def hf_to_checkpoint_name(name: str) -> str:
@@ -66,6 +81,7 @@ class SGLangEngine:
             if model_path is None:
                 raise ValueError("SGLangEngine: model_path is required when no engine is given")
             engine_kwargs.setdefault("enable_memory_saver", True)  # release/resume_memory need it
+            engine_kwargs.setdefault("enable_custom_logit_processor", True)  # banned token sequences need it
             engine = sgl.Engine(model_path=str(model_path), **engine_kwargs)
         self.engine = engine
         self.processor = processor
@@ -74,6 +90,7 @@ class SGLangEngine:
         self.eos, self.special = stop_token_sets(processor)
         self._stats = dict(tokens_prefilled=0, tokens_cached=0, tokens_decoded=0, requests=0)
         self._submitter: ThreadPoolExecutor | None = None  # made by the first submit
+        self._ban_processor: str | None = None  # banned_sequences_processor(), made by the first request needing it
 
     # -- Engine protocol --------------------------------------------------------------------------
     def generate(self, requests: list[GenerateRequest], sampling: SamplingParams) -> list[GenerateResult]:
@@ -88,6 +105,7 @@ class SGLangEngine:
             sampling_params=params,
             return_logprob=True,
             image_data=images if any(x is not None for x in images) else None,
+            **self._processor_kwargs(sampling, len(requests)),
         )
         if isinstance(out, dict):
             out = [out]
@@ -103,7 +121,8 @@ class SGLangEngine:
         params = self._sampling_params(request, sampling)
         images = self._image_data(request)
         out = await self.engine.async_generate(input_ids=list(request.token_ids), sampling_params=params,
-                                               return_logprob=True, image_data=images)
+                                               return_logprob=True, image_data=images,
+                                               **self._processor_kwargs(sampling, None))
         return self._result(out, params["max_new_tokens"], StopChecker(self.processor, sampling.stop))
 
     def submit(self, request: GenerateRequest, sampling: SamplingParams) -> Future:
@@ -176,16 +195,22 @@ class SGLangEngine:
             spaces_between_special_tokens=False,
             no_stop_trim=True,
         )
-        if sampling.banned_sequences:
-            raise ValueError(f"SGLangEngine cannot ban multi-token strings (sampling.banned_sequences "
-                             f"{[list(q) for q in sampling.banned_sequences]}); only single tokens (logit bias). Use "
-                             "rollout.engine: embedded, or a profile whose banned strings are single tokens")
+        if sampling.banned_sequences:  # masked by BannedSequences (custom logit processor) from the context
+            params["custom_params"] = {"banned_sequences": [list(q) for q in sampling.banned_sequences]}
         if sampling.banned_token_ids:  # never drawn (SGLang adds the bias to the logits before sampling)
             params["logit_bias"] = {str(int(t)): -1e9 for t in sampling.banned_token_ids}
         seed = r.seed if r.seed is not None else sampling.seed
         if seed is not None and not sampling.greedy:
             params["sampling_seed"] = int(seed) & 0x7FFF_FFFF
         return params
+
+    def _processor_kwargs(self, sampling: SamplingParams, batch: int | None) -> dict:
+        """custom_logit_processor for a request (batch None) or a batch, when sampling bans token sequences."""
+        if not sampling.banned_sequences:
+            return {}
+        if self._ban_processor is None:
+            self._ban_processor = banned_sequences_processor()
+        return {"custom_logit_processor": self._ban_processor if batch is None else [self._ban_processor] * batch}
 
     @staticmethod
     def _image_data(r: GenerateRequest) -> list[dict] | None:

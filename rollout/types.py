@@ -37,7 +37,7 @@ class SamplingParams:
     (their logits are masked for the draw only, like the lm head's padding rows past the tokenizer, which the
     engines never draw either); log-probs still span every row, as the trainer's do. `banned_sequences`: token
     sequences never completed -- a sequence's last token is masked wherever the context (prompt and turn) ends
-    with the rest of it (a banned string of several tokens; EmbeddedEngine only).
+    with the rest of it (a banned string of several tokens; SGLang: through its custom logit processor).
     """
 
     temperature: float = 1.0

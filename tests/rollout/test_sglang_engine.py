@@ -260,7 +260,8 @@ def test_trainer_starts_sglang_from_a_directory_with_the_policys_weights(tiny, m
     cfg.rollout.engine, cfg.rollout.sandbox_workers, cfg.train.out_dir = "sglang", 0, str(tmp_path)
     rollouts = make_rollouts(model, proc, cfg, progress=False)
     (path, kwargs), = started
-    assert path == str(tmp_path / "sglang_init") and kwargs == {"enable_memory_saver": True, "mem_fraction_static": 0.4}
+    assert path == str(tmp_path / "sglang_init")
+    assert kwargs == {"enable_memory_saver": True, "enable_custom_logit_processor": True, "mem_fraction_static": 0.4}
     for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (tmp_path / "sglang_init" / f).is_file(), f
     calls = rollouts.engine.engine.calls

@@ -140,3 +140,47 @@ def test_episodes_await_sglang_per_request_with_latencies(proc):
     assert fake.finished.index("3:1") < fake.finished.index("0:0")
     for a, b in zip(trajs, out["turn_sync"][0]):
         assert (a.token_ids, a.loss_mask, a.sample_logprobs) == (b.token_ids, b.loss_mask, b.sample_logprobs)
+
+
+def test_banned_sequences_through_sglangs_custom_logit_processor(proc, monkeypatch):
+    """A banned string of several tokens: the request carries custom_params and the processor (SGLang calls it
+    with each row's Req), and the processor masks the completing token only where the context ends with the rest."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import deepeyesv2_rollout.sglang_engine as sglang_engine
+    from deepeyesv2_rollout.sampling import mask_banned_sequences
+
+    seq = (5, 6, 7)
+    rows = [SimpleNamespace(origin_input_ids=[1, 5], output_ids=[6]),  # context ends 5, 6: 7 is banned
+            SimpleNamespace(origin_input_ids=[1, 5, 6], output_ids=[]),  # the sequence's start in the prompt
+            SimpleNamespace(origin_input_ids=[1, 6], output_ids=[5])]  # ends 6, 5: nothing banned
+    logits = torch.zeros(4, 10)
+    params = [{"banned_sequences": [list(seq)], "__req__": r} for r in rows] + [None]
+    out = mask_banned_sequences(logits, params)
+    assert torch.isinf(out[0, 7]) and torch.isinf(out[1, 7]) and torch.isfinite(out[2]).all() and torch.isfinite(out[3]).all()
+    assert torch.isfinite(out[0, :7]).all() and torch.isfinite(out[0, 8:]).all()
+
+    seen = []
+
+    class Fake(AnswerSGL):
+        async def async_generate(self, input_ids, sampling_params, return_logprob=False, image_data=None, **kw):
+            seen.append((sampling_params, kw))
+            return self._output(input_ids)
+
+        def generate(self, input_ids, sampling_params, return_logprob=False, image_data=None, **kw):
+            seen.append((sampling_params, kw))
+            return [self._output(ids) for ids in input_ids]
+
+    monkeypatch.setattr(sglang_engine, "banned_sequences_processor", lambda: "PROCESSOR")
+    eng = SGLangEngine(None, proc, engine=Fake(proc))
+    sp = SamplingParams(banned_token_ids=(3,), banned_sequences=(seq,))
+    req = GenerateRequest(proc.encode("hi"))
+    asyncio.run(eng.agenerate(req, sp))
+    eng.generate([req, req], sp)
+    (p1, kw1), (p2, kw2) = seen
+    assert p1["custom_params"] == {"banned_sequences": [[5, 6, 7]]} and p1["logit_bias"] == {"3": -1e9}
+    assert kw1 == {"custom_logit_processor": "PROCESSOR"} and kw2 == {"custom_logit_processor": ["PROCESSOR"] * 2}
+    asyncio.run(eng.agenerate(req, SamplingParams()))
+    assert seen[-1][1] == {} and "custom_params" not in seen[-1][0]  # no bans: nothing extra sent
