@@ -72,9 +72,11 @@ class StopChecker:
         return None, None
 
 
-def sequence_bans(context: list[int], banned_sequences: tuple[tuple[int, ...], ...]) -> list[int]:
-    """The tokens that would complete a banned sequence after `context` (its last token, where the context
-    ends with the rest of it)."""
+def sequence_bans(prompt: list[int], output: list[int], banned_sequences: tuple[tuple[int, ...], ...]) -> list[int]:
+    """The tokens that would complete a banned sequence after the context prompt + output (its last token, where
+    the context ends with the rest of it, which may begin in the prompt)."""
+    tail = max((len(s) for s in banned_sequences), default=0)  # only the context's end can match
+    context = (list(prompt[-tail:]) + list(output))[-tail:] if tail else []
     out = []
     for seq in banned_sequences:
         n = len(seq) - 1
@@ -92,9 +94,7 @@ def mask_banned_sequences(logits: torch.Tensor, custom_param_list: list[dict | N
             continue
         req = params["__req__"]
         seqs = tuple(tuple(int(t) for t in s) for s in params["banned_sequences"])
-        tail = max(len(s) for s in seqs)
-        context = (list(req.origin_input_ids[-tail:]) + list(req.output_ids))[-tail:]
-        bans = sequence_bans(context, seqs)
+        bans = sequence_bans(req.origin_input_ids, req.output_ids, seqs)
         if bans:
             logits[i, bans] = float("-inf")
     return logits

@@ -498,9 +498,7 @@ class Scheduler:
             if free:
                 bans = None
                 if sampling.banned_sequences:
-                    tail = max(len(q) for q in sampling.banned_sequences)  # only the context's end can match
-                    bans = [sequence_bans((seqs[j].req.token_ids[-tail:] + seqs[j].ids)[-tail:], sampling.banned_sequences)
-                            for j in free]
+                    bans = [sequence_bans(seqs[j].req.token_ids, seqs[j].ids, sampling.banned_sequences) for j in free]
                 tokens, logp = sample_tokens(logits[free], sampling, [seqs[j].gen for j in free],
                                              draw_rows=len(self.processor.tokenizer), row_bans=bans)
                 picks.update({j: (int(t), float(lp)) for j, t, lp in zip(free, tokens.tolist(), logp.tolist())})
