@@ -295,7 +295,7 @@ def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, proce
     if cfg.model.name_or_path not in PRESETS:  # a checkpoint of ours says which prompt it was trained under
         trained = read_protocol(resolve_model_path(cfg.model.name_or_path, announce=False))
         if (note := adopt_trained_protocol(cfg.rollout, trained, cfg.model.name_or_path)) and launch_rank0():
-            say(f"deepeyesv2 rl: {note}")
+            say(note)
     if is_lora(model) and cfg.rollout.engine == "sglang":
         raise ValueError("model.lora_rank > 0 with rollout.engine='sglang' is not supported (SGLang would need "
                          "merged weights each step); use rollout.engine='embedded'")

@@ -9,7 +9,6 @@ the [T, V] logits are never materialised.
 from __future__ import annotations
 
 import random
-import warnings
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import parallel
-from .checkpoint import prepare_run_dir, say
+from .checkpoint import launch_rank0, prepare_run_dir, say
 from .config import Config, to_dict, validate
-from .data import (DataState, DataWarning, load_jsonl, sft_samples, stage_system_prompt, system_prompt_mismatch,
+from .data import (DataState, load_jsonl, sft_samples, stage_system_prompt, system_prompt_mismatch,
                    trained_protocol)
 from .metrics import (MetricsLogger, UpdateCounter, check_reporters, console, no_update_cause, peak_memory_bytes,
                       quiet_hf_progress, step_line)
@@ -80,8 +79,8 @@ def train_sft(cfg: Config, samples: list[Sample] | None = None, model=None, proc
         path = Path(cfg.data.train_path)
         records = load_jsonl(path, max_bad_lines=cfg.data.max_bad_lines)
         system = stage_system_prompt(cfg.rollout)
-        if (note := system_prompt_mismatch(records, system, source=path.name)) is not None:
-            warnings.warn(note, DataWarning, stacklevel=2)
+        if (note := system_prompt_mismatch(records, system, source=path.name)) is not None and launch_rank0():
+            say(f"warning: {note}")
         samples = sft_samples(records, processor, base_dir=cfg.data.image_root or path.parent, source=path.name,
                               max_image_pixels=cfg.data.max_image_pixels, system=system)
     image_token_id = model.config.image_token_id

@@ -5,15 +5,13 @@ from it adopt it; SFT warns when its records carry another."""
 from __future__ import annotations
 
 import json
-import warnings
+import re
 from pathlib import Path
-
-import pytest
 
 from deepeyesv2.checkpoint import PROTOCOL_FILE, latest_checkpoint, read_protocol
 from deepeyesv2.commands.eval import EvalSettings, build_rollouts, evaluate_checkpoint
 from deepeyesv2.config import Config
-from deepeyesv2.data import DataWarning, adopt_trained_protocol, stage_system_prompt
+from deepeyesv2.data import adopt_trained_protocol, stage_system_prompt
 from deepeyesv2.model import ModelConfig, build_model
 from deepeyesv2.rl import train_rl
 from deepeyesv2.rollout_setup import make_rollouts
@@ -110,16 +108,16 @@ def test_rollouts_render_every_prompt_under_the_stage_prompt(tmp_path):
     assert rollouts.engine.contexts[1].startswith("<|im_start|>system\nPer record.<|im_end|>")  # a record's own wins
 
 
-def test_sft_rl_eval_keep_a_sharegpt_sets_own_prompt(tmp_path):
+def test_sft_rl_eval_keep_a_sharegpt_sets_own_prompt(tmp_path, capsys):
     """A ShareGPT set with its own system prompt: SFT under it (set once, rollout.system_prompt), RL from the SFT
     run directory and eval from the RL run adopt it without being told."""
     data = write_jsonl(tmp_path / "cold_start.jsonl", sharegpt(3, BOB))
     # unset, the records' prompt differs from the one RL and eval would use: one warning line naming the fix
-    with pytest.warns(DataWarning, match=r"3 of 3 SFT records carry a system prompt other than .*rollout\.system_prompt"):
-        train_sft(sft_cfg(data, tmp_path / "sft_unset"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DataWarning)  # set to the records' prompt: no warning
-        train_sft(sft_cfg(data, tmp_path / "sft", system_prompt=BOB))
+    train_sft(sft_cfg(data, tmp_path / "sft_unset"))
+    err = capsys.readouterr().err
+    assert re.search(r"deepeyesv2: warning: 3 of 3 SFT records carry a system prompt other than .*rollout\.system_prompt", err)
+    train_sft(sft_cfg(data, tmp_path / "sft", system_prompt=BOB))  # set to the records' prompt: no warning
+    assert "carry a system prompt" not in capsys.readouterr().err
     assert read_protocol(latest_checkpoint(tmp_path / "sft")) == {"protocol": "ours", "system_prompt": BOB}
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "a", "question": "How many?", "answer": "1"}])
@@ -128,7 +126,8 @@ def test_sft_rl_eval_keep_a_sharegpt_sets_own_prompt(tmp_path):
     cfg.train.out_dir, cfg.train.steps, cfg.train.progress = str(tmp_path / "rl"), 1, False
     cfg.rollout.max_new_tokens, cfg.rollout.max_turns, cfg.rollout.sandbox_workers = 6, 1, 0
     cfg.rl.prompts_per_step, cfg.rl.group_size, cfg.rl.dynamic_sampling = 1, 2, False
-    train_rl(cfg)  # rollout.system_prompt unset: taken from the SFT checkpoint
+    train_rl(cfg)  # rollout.system_prompt unset: taken from the SFT checkpoint, and said
+    assert "system prompt: the one" in capsys.readouterr().err
     ckpt = latest_checkpoint(tmp_path / "rl")
     assert json.loads((ckpt / PROTOCOL_FILE).read_text()) == {"protocol": "ours", "system_prompt": BOB}
 
