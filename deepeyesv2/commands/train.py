@@ -18,7 +18,7 @@ from deepeyesv2.sft import train_sft
 
 STAGES = {"sft": train_sft, "rl": train_rl}
 # the config sections each stage reads, which its --help lists (the others are accepted: one YAML serves both)
-SECTIONS = {"sft": ("model", "data", "optim", "train"), "rl": None}
+SECTIONS = {"sft": ("model", "data", "optim", "train", "rollout.protocol", "rollout.system_prompt"), "rl": None}
 DESCRIPTIONS = {"sft": "Cold-start SFT on tool-use trajectories (assistant turns trained, tool outputs masked).",
                 "rl": "GRPO/DAPO on multi-turn tool rollouts."}
 
