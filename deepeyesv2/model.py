@@ -57,7 +57,7 @@ PRESETS: dict[str, dict] = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
-def resolve_model_path(name_or_path: str, what: str = "model.name_or_path", announce: bool = True) -> str:
+def resolve_model_path(name_or_path: str, what: str = "model.name_or_path") -> str:
     """The preset or checkpoint directory that `name_or_path` stands for: a preset name or a directory with a
     config.json as given; a run directory (out_dir of an SFT or RL run) as its newest checkpoint that verifies,
     said in one line on stderr (rank 0). Anything else: ValueError in one line naming `what`; for a string that
@@ -68,7 +68,7 @@ def resolve_model_path(name_or_path: str, what: str = "model.name_or_path", anno
     if (path / "config.json").is_file():
         return str(path)
     if path.is_dir() and checkpoints_dir(path).is_dir():
-        quiet = say if launch_rank0() and announce else (lambda _msg: None)
+        quiet = say if launch_rank0() else (lambda _msg: None)
         try:
             ckpt = resume_checkpoint(path, quiet, what=what)
         except CheckpointError as e:

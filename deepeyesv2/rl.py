@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -290,10 +290,12 @@ def train_rl(cfg: Config, prompts: list[Prompt] | None = None, model=None, proce
     if not prompts:
         raise ValueError("no RL prompts")
     torch.manual_seed(cfg.train.seed)
+    # Resolved once: a run directory's newest checkpoint is verified (every file hashed) here, not again in build_model.
+    source = resolve_model_path(cfg.model.name_or_path)
     if model is None:
-        model, processor = build_model(cfg.model)
-    if cfg.model.name_or_path not in PRESETS:  # a checkpoint of ours says which prompt it was trained under
-        trained = read_protocol(resolve_model_path(cfg.model.name_or_path, announce=False))
+        model, processor = build_model(replace(cfg.model, name_or_path=source))
+    if source not in PRESETS:  # a checkpoint of ours says which prompt it was trained under
+        trained = read_protocol(source)
         if (note := adopt_trained_protocol(cfg.rollout, trained, cfg.model.name_or_path)) and launch_rank0():
             say(note)
     if is_lora(model) and cfg.rollout.engine == "sglang":
