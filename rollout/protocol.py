@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -233,8 +234,9 @@ def _deepeyesv2_resize(im: Image.Image) -> tuple[Image.Image | None, str | None]
 
 @dataclass(frozen=True)
 class ProtocolProfile:
-    """Every template of one protocol layout (see the module doc). Observations are built by the episode loop
-    from `observation_parts`; the sampling fields go into SamplingParams (`sampling_fields`)."""
+    """Every template of one protocol layout (see the module doc). The episode loop writes observations from
+    these fields (episode.EpisodeRunner.add_observation); the sampling fields go into SamplingParams
+    (`sampling_fields`)."""
 
     name: str
     system_prompt: str  # the system turn of every stage (config rollout.system_prompt overrides it)
@@ -246,13 +248,12 @@ class ProtocolProfile:
     banned: tuple[str, ...]  # strings the policy can never sample (one token, or the last token of their encoding)
     max_images_per_round: int | None  # images one tool call gives back (the rest dropped); None: no cap
     code_block: str  # which fenced block of a <code> action runs: first | last
-    resize: str  # how a returned image is made processable: "pad" (chat.fit_image, noted) | "deepeyesv2"
+    # how a returned image is made processable: image -> (image or None to drop it, a note for the policy or None)
+    resize: Callable[[Image.Image], tuple[Image.Image | None, str | None]]
 
     def __post_init__(self) -> None:
         if self.code_block not in CODE_BLOCKS:
             raise ValueError(f"profile {self.name}: code_block must be one of {CODE_BLOCKS}, got {self.code_block!r}")
-        if self.resize not in _RESIZERS:
-            raise ValueError(f"profile {self.name}: resize must be one of {tuple(_RESIZERS)}, got {self.resize!r}")
 
     def sampling_fields(self, processor) -> dict:
         """SamplingParams fields of this profile: stop strings, and the banned strings as token ids (a string
@@ -293,15 +294,13 @@ class ProtocolProfile:
             images = images[: self.max_images_per_round]
         kept, notes = [], []
         for k, im in enumerate(images, 1):
-            fitted, did = _RESIZERS[self.resize](im)
+            fitted, did = self.resize(im)
             if did is not None:
                 notes.append(f"[returned image {k} ({im.width}x{im.height}) was {did}]")
             if fitted is not None:
                 kept.append(fitted)
         return kept, notes
 
-
-_RESIZERS = {"pad": fit_image, "deepeyesv2": _deepeyesv2_resize}
 
 OURS = ProtocolProfile(
     name="ours",
@@ -314,7 +313,7 @@ OURS = ProtocolProfile(
     banned=(),
     max_images_per_round=None,
     code_block="first",
-    resize="pad",
+    resize=fit_image,  # pads extreme strips, and says so
 )
 
 DEEPEYESV2 = ProtocolProfile(
@@ -328,7 +327,7 @@ DEEPEYESV2 = ProtocolProfile(
     banned=("<|endoftext|>", "<size>", "<|im_start|>"),
     max_images_per_round=10,
     code_block="last",
-    resize="deepeyesv2",
+    resize=_deepeyesv2_resize,
 )
 
 PROFILES = {p.name: p for p in (OURS, DEEPEYESV2)}

@@ -30,9 +30,9 @@ from pathlib import Path
 
 from deepeyesv2.config import (PROTOCOLS, Config, JudgeConfig, ModelConfig, check_values, constraints, integer, number,
                                import_callable, one_of, optional)
+from deepeyesv2.checkpoint import read_protocol
 from deepeyesv2.data import DataError, load_prompts
 from deepeyesv2.judge import JudgeClient
-from deepeyesv2.checkpoint import read_protocol
 from deepeyesv2.model import PRESETS, build_model, resolve_model_path
 from deepeyesv2.rewards import RewardResult, build_reward_fn
 from deepeyesv2.rollout_setup import make_rollouts
