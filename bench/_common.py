@@ -257,6 +257,16 @@ def render_table(rows: Sequence[Mapping[str, Any]],
     return "\n".join(lines)
 
 
+def publish(text: str, out: str | os.PathLike | None, default_name: str, write: bool = True) -> None:
+    """Print a peer benchmark's markdown and, with `write`, save it to `out` (default bench/results/<default_name>)."""
+    print(text)
+    if write:
+        path = out or os.path.join(REPO_ROOT, "bench", "results", default_name)
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"wrote {path}", file=sys.stderr)
+
+
 RATIO_COLUMNS = (("benchmark", "benchmark"), ("ours", "ours"), ("peer", "peer"), ("ours/peer (min-max)", ratio_cell),
                  ("load before->after", load_cell), ("device", "device"))
 

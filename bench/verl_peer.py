@@ -39,9 +39,8 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
-from bench._common import REPO_ROOT, load_average, render_table
+from bench._common import REPO_ROOT, load_average, publish, render_table
 
 VERL_VERSION = "0.9.1"
 WORKER = Path(REPO_ROOT) / "bench" / "verl_peer_worker.py"
@@ -479,12 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     rep = measure(args.venv, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    text = markdown(rep)
-    print(text)
-    if not args.no_write:
-        out = args.out or Path(REPO_ROOT) / "bench" / "results" / f"{rep.date}-verl-peer.md"
-        out.write_text(text)
-        print(f"wrote {out}", file=sys.stderr)
+    publish(markdown(rep), args.out, f"{rep.date}-verl-peer.md", write=not args.no_write)
     return 0 if rep.ok else 1
 
 

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench._common import NOISY_SPREAD, REPO_ROOT, interleave, pair_stats, render_table
+from bench._common import NOISY_SPREAD, REPO_ROOT, interleave, pair_stats, publish, render_table
 from bench.verl_peer import _run_checked, cpu_model
 
 VLLM_VERSION = "0.32.0"
@@ -582,12 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = measure(quick=args.quick, rounds=args.rounds, venv=args.venv, trl=not args.no_trl,
                   vllm_omp_bind=args.vllm_omp_bind, eager=args.eager,
                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    text = markdown(rep)
-    print(text)
-    if not args.no_write:
-        out = args.out or Path(REPO_ROOT) / "bench" / "results" / f"{rep.date}-vllm-peer.md"
-        out.write_text(text)
-        print(f"wrote {out}", file=sys.stderr)
+    publish(markdown(rep), args.out, f"{rep.date}-vllm-peer.md", write=not args.no_write)
     return 0
 
 
